@@ -1,0 +1,88 @@
+//! The command line: argument definitions and dispatch; one thin file per subcommand.
+
+mod feed;
+mod migrate;
+mod run;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// conveyor continuously loads JSON messages from a RabbitMQ queue into PostgreSQL tables.
+///
+/// A message is acked only after the database transaction that loaded it (or recorded it in
+/// the job's error table) has committed. Start with `conveyor migrate`, then `conveyor run`;
+/// `conveyor feed` publishes test rows.
+#[derive(Debug, Parser)]
+#[command(name = "conveyor", version, max_term_width = 100)]
+pub struct Cli {
+    /// Configuration file (TOML). See config/conveyor.toml for every key, with comments.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "CONVEYOR_CONFIG",
+        default_value = "config/conveyor.toml"
+    )]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: load every configured pipeline until SIGTERM/SIGINT.
+    ///
+    /// Applies migrations first. On SIGTERM or SIGINT it stops consuming, commits and acks
+    /// what is in flight, ends the job and exits 0.
+    Run,
+    /// Create or upgrade conveyor's tables (jobs, robust log) in database.schema; idempotent.
+    Migrate,
+    /// Publish test rows (seed-like `person` rows, or a JSON-lines file) with publisher confirms.
+    Feed(feed::FeedArgs),
+}
+
+/// Parses the command line and runs the command; the binary's only entry point.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Run => run::run(&cli.config).await,
+            Command::Migrate => migrate::run(&cli.config).await,
+            Command::Feed(args) => feed::run(&cli.config, args).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "conveyor stopped");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Installs the tracing subscriber: `log.format` and `log.level` from the config; RUST_LOG wins.
+pub fn init_logging(format: crate::config::LogFormat, level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        crate::config::LogFormat::Json => builder.json().try_init(),
+        crate::config::LogFormat::Pretty => builder.try_init(),
+    };
+}

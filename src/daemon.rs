@@ -1,0 +1,82 @@
+//! The daemon: `conveyor run`. Applies migrations, serves HTTP, runs one worker per pipeline,
+//! and owns the stop order.
+//!
+//! Stop order on shutdown (SIGTERM/SIGINT cancel the root token):
+//! 1. each worker cancels its consumer, seals its open batch, waits for its in-flight batches to
+//!    commit and acks them, closes its channel and ends its job row;
+//! 2. once every worker has returned, the HTTP server stops (so /metrics is scrapable to the end);
+//! 3. `run` returns; nothing is left running.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info};
+
+use crate::config::Config;
+use crate::worker::{self, Health};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+    #[error("cannot listen on {addr} for /metrics: {source} (change http.listen, or set it to \"\" to disable)")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0} worker(s) ended with an error; see the log above")]
+    Workers(usize),
+}
+
+/// Slot of the (single) worker each pipeline runs.
+pub const SLOT: &str = "01";
+
+/// Runs every pipeline until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let config = Arc::new(config);
+    let metrics = crate::metrics::install();
+    crate::db::migrate(&config.database_url, &config.schema, config.connect_timeout).await?;
+    let health = Arc::new(Health::default());
+    health.expect(config.pipelines.len());
+    let http_cancel = CancellationToken::new();
+    let http = match config.http_listen {
+        Some(addr) => {
+            let (bound, task) =
+                crate::http::serve(addr, metrics, health.clone(), http_cancel.clone())
+                    .await
+                    .map_err(|source| DaemonError::Listen { addr, source })?;
+            info!(%bound, "serving /metrics, /healthz, /readyz");
+            Some(task)
+        }
+        None => None,
+    };
+    let tracker = TaskTracker::new();
+    let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for p in config.pipelines.iter().cloned() {
+        let (config, health, cancel, failed) = (
+            config.clone(),
+            health.clone(),
+            shutdown.child_token(),
+            failed.clone(),
+        );
+        tracker.spawn(async move {
+            let name = p.name.clone();
+            if let Err(e) = worker::run(config, p, SLOT, health, cancel).await {
+                error!(pipeline = %name, error = %e, "worker failed");
+                failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+    }
+    tracker.close();
+    info!(pipelines = config.pipelines.len(), amqp = %config.amqp_url, database = %config.database_url, "conveyor running");
+    tracker.wait().await;
+    http_cancel.cancel();
+    if let Some(task) = http {
+        let _ = task.await;
+    }
+    match failed.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => Ok(()),
+        n => Err(DaemonError::Workers(n)),
+    }
+}

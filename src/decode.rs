@@ -1,0 +1,1022 @@
+//! Decode: one message body → one line of PostgreSQL COPY text, or a `Reject` saying why not.
+//!
+//! Pure: bytes + the target's catalogue in, bytes out; no I/O, so every rule here is a table-
+//! driven unit test. The decoder is built once per job (from the columns read at job start) and
+//! reused for every message. It borrows from the body wherever JSON allows (numbers and unescaped
+//! strings are copied once, straight into the batch buffer) because this is the per-row hot path.
+//!
+//! Architecture invariant: a row that leaves `decode` as `Ok` satisfies every check the catalogue
+//! lets us make client-side (type, length, precision, nullability), so the database refuses only
+//! what needs its own state (unique keys, CHECK and foreign-key constraints).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::config::{PipelineConfig, UnknownFields};
+
+/// Why a message could not become a row. The string codes are stable: they are stored in error
+/// tables and used as metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RejectKind {
+    Oversize,
+    InvalidUtf8,
+    MalformedJson,
+    NotObject,
+    DuplicateField,
+    MissingField,
+    ExtraField,
+    NullNotAllowed,
+    NulByte,
+    WrongType,
+    TooLong,
+    InvalidInteger,
+    InvalidDecimal,
+    InvalidNumber,
+    NumericOutOfRange,
+    InvalidBoolean,
+    InvalidDate,
+    DateOutOfRange,
+    InvalidTimestamp,
+    InvalidUuid,
+    InvalidQueueTime,
+    /// The database refused the row as a duplicate of a unique key (SQLSTATE 23505).
+    DuplicateKey,
+    /// The database refused the row for another data reason (SQLSTATE classes 22 and 23).
+    DbRefused,
+}
+
+impl RejectKind {
+    pub const ALL: [RejectKind; 23] = [
+        RejectKind::Oversize,
+        RejectKind::InvalidUtf8,
+        RejectKind::MalformedJson,
+        RejectKind::NotObject,
+        RejectKind::DuplicateField,
+        RejectKind::MissingField,
+        RejectKind::ExtraField,
+        RejectKind::NullNotAllowed,
+        RejectKind::NulByte,
+        RejectKind::WrongType,
+        RejectKind::TooLong,
+        RejectKind::InvalidInteger,
+        RejectKind::InvalidDecimal,
+        RejectKind::InvalidNumber,
+        RejectKind::NumericOutOfRange,
+        RejectKind::InvalidBoolean,
+        RejectKind::InvalidDate,
+        RejectKind::DateOutOfRange,
+        RejectKind::InvalidTimestamp,
+        RejectKind::InvalidUuid,
+        RejectKind::InvalidQueueTime,
+        RejectKind::DuplicateKey,
+        RejectKind::DbRefused,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectKind::Oversize => "oversize",
+            RejectKind::InvalidUtf8 => "invalid_utf8",
+            RejectKind::MalformedJson => "malformed_json",
+            RejectKind::NotObject => "not_object",
+            RejectKind::DuplicateField => "duplicate_field",
+            RejectKind::MissingField => "missing_field",
+            RejectKind::ExtraField => "extra_field",
+            RejectKind::NullNotAllowed => "null_not_allowed",
+            RejectKind::NulByte => "nul_byte",
+            RejectKind::WrongType => "wrong_type",
+            RejectKind::TooLong => "too_long",
+            RejectKind::InvalidInteger => "invalid_integer",
+            RejectKind::InvalidDecimal => "invalid_decimal",
+            RejectKind::InvalidNumber => "invalid_number",
+            RejectKind::NumericOutOfRange => "numeric_out_of_range",
+            RejectKind::InvalidBoolean => "invalid_boolean",
+            RejectKind::InvalidDate => "invalid_date",
+            RejectKind::DateOutOfRange => "date_out_of_range",
+            RejectKind::InvalidTimestamp => "invalid_timestamp",
+            RejectKind::InvalidUuid => "invalid_uuid",
+            RejectKind::InvalidQueueTime => "invalid_queue_time",
+            RejectKind::DuplicateKey => "duplicate_key",
+            RejectKind::DbRefused => "db_refused",
+        }
+    }
+}
+
+impl fmt::Display for RejectKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A message that will go to the error table instead of the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    pub kind: RejectKind,
+    pub column: Option<String>,
+    pub message: String,
+    /// Set when the database refused the row.
+    pub sqlstate: Option<String>,
+}
+
+impl Reject {
+    fn new(kind: RejectKind, column: Option<&str>, message: impl Into<String>) -> Self {
+        Reject {
+            kind,
+            column: column.map(str::to_string),
+            message: message.into(),
+            sqlstate: None,
+        }
+    }
+}
+
+/// The value checks a target column gets, derived from its PostgreSQL type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ColumnKind {
+    Int2,
+    Int4,
+    Int8,
+    /// `numeric(p, s)`; `None` for unconstrained numeric.
+    Numeric(Option<(u32, u32)>),
+    Float,
+    Bool,
+    /// text, varchar(n), char(n): `max_chars` from the type modifier.
+    Text {
+        max_chars: Option<usize>,
+    },
+    Date,
+    Timestamp,
+    Uuid,
+    Json,
+    /// Any other type: passed through as text; the database validates it.
+    Other(String),
+}
+
+/// One target column as read from the catalogue at job start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    pub kind: ColumnKind,
+    pub not_null: bool,
+    /// Has a DEFAULT, or is an identity or generated column: the database fills it.
+    pub db_filled: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("target table has no column {column:?} named by {what}; check the pipeline's rename and queue_time_column settings against the table")]
+    NoSuchColumn { column: String, what: &'static str },
+    #[error("target table has no loadable column (every column has a default or is generated)")]
+    NoColumns,
+}
+
+/// Turns message bodies into COPY text lines for one target; built once per job.
+#[derive(Debug)]
+pub struct Decoder {
+    /// Columns in COPY order (the columns conveyor writes).
+    columns: Vec<Column>,
+    /// Lower-cased JSON field name → index in `columns`.
+    fields: HashMap<String, usize>,
+    /// Lower-cased names of fields that name database-filled columns (refused as extra).
+    db_filled: HashMap<String, String>,
+    unknown: UnknownFields,
+    /// Lower-cased payload field carrying the queue time, if any.
+    queue_time_field: Option<String>,
+    /// Index in `columns` that receives the queue time.
+    queue_time_column: Option<usize>,
+    max_body: usize,
+}
+
+/// What decode learned about a row besides its COPY line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decoded {
+    /// Queue time used for the row, microseconds since the Unix epoch.
+    pub queue_time_us: i64,
+}
+
+impl Decoder {
+    pub fn new(table: &[Column], p: &PipelineConfig) -> Result<Decoder, DecodeError> {
+        let qt_col = p.queue_time_column.as_deref().map(str::to_lowercase);
+        let mut columns = Vec::new();
+        let mut db_filled = HashMap::new();
+        for c in table {
+            let is_qt = qt_col.as_deref() == Some(c.name.as_str());
+            if c.db_filled && !is_qt {
+                db_filled.insert(c.name.to_lowercase(), c.name.clone());
+            } else {
+                columns.push(c.clone());
+            }
+        }
+        if columns.is_empty() {
+            return Err(DecodeError::NoColumns);
+        }
+        let by_name: HashMap<String, usize> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.to_lowercase(), i))
+            .collect();
+        let queue_time_column = match &qt_col {
+            Some(name) => Some(*by_name.get(name).ok_or_else(|| DecodeError::NoSuchColumn {
+                column: name.clone(),
+                what: "queue_time_column",
+            })?),
+            None => None,
+        };
+        let mut fields = HashMap::new();
+        for (name, &i) in &by_name {
+            if Some(i) != queue_time_column {
+                fields.insert(name.clone(), i);
+            }
+        }
+        for (field, column) in &p.rename {
+            let i = *by_name
+                .get(column)
+                .ok_or_else(|| DecodeError::NoSuchColumn {
+                    column: column.clone(),
+                    what: "rename",
+                })?;
+            fields.retain(|_, v| *v != i || Some(*v) == queue_time_column);
+            fields.insert(field.clone(), i);
+        }
+        // A payload field named like the queue-time column is that row's queue time when the
+        // message has no header: publishers that stamp the body need no extra setting.
+        let queue_time_field = p
+            .queue_time_field
+            .as_deref()
+            .map(str::to_lowercase)
+            .or(qt_col);
+        Ok(Decoder {
+            columns,
+            fields,
+            db_filled,
+            unknown: p.unknown_fields,
+            queue_time_field,
+            queue_time_column,
+            max_body: p.max_body_bytes,
+        })
+    }
+
+    /// Column names in COPY order.
+    pub fn copy_columns(&self) -> impl Iterator<Item = &str> {
+        self.columns.iter().map(|c| c.name.as_str())
+    }
+
+    /// Appends one COPY text line for `body` to `out`, or leaves `out` unchanged and says why not.
+    ///
+    /// `header_queue_time_us` is the queue time from the AMQP header (or broker timestamp);
+    /// `received_us` is the fallback when neither header nor payload carries one.
+    pub fn decode(
+        &self,
+        body: &[u8],
+        header_queue_time_us: Option<i64>,
+        received_us: i64,
+        out: &mut Vec<u8>,
+    ) -> Result<Decoded, Reject> {
+        let start = out.len();
+        let r = self.decode_inner(body, header_queue_time_us, received_us, out);
+        if r.is_err() {
+            out.truncate(start);
+        }
+        r
+    }
+
+    fn decode_inner(
+        &self,
+        body: &[u8],
+        header_qt: Option<i64>,
+        received_us: i64,
+        out: &mut Vec<u8>,
+    ) -> Result<Decoded, Reject> {
+        if body.len() > self.max_body {
+            return Err(Reject::new(
+                RejectKind::Oversize,
+                None,
+                format!(
+                    "body is {} bytes, max_body_bytes is {}",
+                    body.len(),
+                    self.max_body
+                ),
+            ));
+        }
+        let text = std::str::from_utf8(body).map_err(|e| {
+            Reject::new(
+                RejectKind::InvalidUtf8,
+                None,
+                format!("invalid UTF-8 at byte {}", e.valid_up_to()),
+            )
+        })?;
+        let mut slots: Vec<Option<&RawValue>> = vec![None; self.columns.len()];
+        let mut payload_qt: Option<&RawValue> = None;
+        let mut problem: Option<Reject> = None;
+        let mut de = serde_json::Deserializer::from_str(text);
+        let seed = FieldsSeed {
+            decoder: self,
+            slots: &mut slots,
+            payload_qt: &mut payload_qt,
+            problem: &mut problem,
+        };
+        match seed.deserialize(&mut de).and_then(|()| de.end()) {
+            Ok(()) => {}
+            Err(e) => {
+                if let Some(p) = problem {
+                    return Err(p);
+                }
+                let kind = if e.classify() == serde_json::error::Category::Data {
+                    RejectKind::NotObject
+                } else {
+                    RejectKind::MalformedJson
+                };
+                return Err(Reject::new(kind, None, e.to_string()));
+            }
+        }
+        if let Some(p) = problem {
+            return Err(p);
+        }
+        let queue_time_us = match (header_qt, payload_qt) {
+            (Some(t), _) => t,
+            (None, Some(raw)) => parse_queue_time_json(raw).ok_or_else(|| {
+                Reject::new(
+                    RejectKind::InvalidQueueTime,
+                    self.queue_time_field.as_deref(),
+                    format!(
+                        "queue time {} is neither microseconds since the epoch nor RFC 3339",
+                        raw.get()
+                    ),
+                )
+            })?,
+            (None, None) => received_us,
+        };
+        for (i, col) in self.columns.iter().enumerate() {
+            if i > 0 {
+                out.push(b'\t');
+            }
+            if Some(i) == self.queue_time_column {
+                write_timestamp_us(out, queue_time_us);
+                continue;
+            }
+            match slots[i] {
+                None => {
+                    if col.not_null {
+                        return Err(Reject::new(
+                            RejectKind::MissingField,
+                            Some(&col.name),
+                            format!("field {:?} is missing and the column is NOT NULL", col.name),
+                        ));
+                    }
+                    out.extend_from_slice(b"\\N");
+                }
+                Some(raw) => encode_value(col, raw, out)?,
+            }
+        }
+        out.push(b'\n');
+        Ok(Decoded { queue_time_us })
+    }
+
+    fn field_index(&self, key: &str) -> Result<Option<usize>, Reject> {
+        let lookup = |k: &str| -> Result<Option<usize>, Reject> {
+            if let Some(&i) = self.fields.get(k) {
+                return Ok(Some(i));
+            }
+            if self.unknown == UnknownFields::Ignore {
+                return Ok(None);
+            }
+            let why = match self.db_filled.get(k) {
+                Some(col) => format!(
+                    "field {key:?} names column {col:?}, which the database fills (default, identity or generated)"
+                ),
+                None => format!("field {key:?} matches no column of the target table"),
+            };
+            Err(Reject::new(RejectKind::ExtraField, Some(key), why))
+        };
+        if key.bytes().any(|b| b.is_ascii_uppercase()) || !key.is_ascii() {
+            lookup(&key.to_lowercase())
+        } else {
+            lookup(key)
+        }
+    }
+}
+
+/// Deserializes the top-level object, recording each field's raw value in its column's slot.
+struct FieldsSeed<'d, 's, 'a> {
+    decoder: &'d Decoder,
+    slots: &'s mut Vec<Option<&'a RawValue>>,
+    payload_qt: &'s mut Option<&'a RawValue>,
+    problem: &'s mut Option<Reject>,
+}
+
+impl<'de, 'd, 's> DeserializeSeed<'de> for FieldsSeed<'d, 's, 'de> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, 'd, 's> Visitor<'de> for FieldsSeed<'d, 's, 'de> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object with one field per column")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        use serde::de::Error;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            let value: &'de RawValue = map.next_value()?;
+            let lower_is_qt = self
+                .decoder
+                .queue_time_field
+                .as_deref()
+                .is_some_and(|f| f.eq_ignore_ascii_case(&key));
+            if lower_is_qt {
+                *self.payload_qt = Some(value);
+                if !self
+                    .decoder
+                    .fields
+                    .contains_key(key.to_lowercase().as_str())
+                {
+                    continue;
+                }
+            }
+            match self.decoder.field_index(&key) {
+                Ok(Some(i)) => {
+                    if self.slots[i].is_some() {
+                        *self.problem = Some(Reject::new(
+                            RejectKind::DuplicateField,
+                            Some(&self.decoder.columns[i].name),
+                            format!("column {:?} is given twice", self.decoder.columns[i].name),
+                        ));
+                        return Err(A::Error::custom("duplicate field"));
+                    }
+                    self.slots[i] = Some(value);
+                }
+                Ok(None) => {}
+                Err(r) => {
+                    *self.problem = Some(r);
+                    return Err(A::Error::custom("rejected field"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The value's JSON text class, by its first byte.
+enum Json<'a> {
+    Null,
+    Bool(bool),
+    Number(&'a str),
+    Str(Cow<'a, str>),
+    Nested(&'a str),
+}
+
+fn classify(raw: &RawValue) -> Json<'_> {
+    let s = raw.get();
+    match s.as_bytes().first() {
+        Some(b'n') => Json::Null,
+        Some(b't') => Json::Bool(true),
+        Some(b'f') => Json::Bool(false),
+        Some(b'"') => {
+            let inner = &s[1..s.len() - 1];
+            if inner.contains('\\') {
+                // serde_json already validated the escapes; this parse cannot fail.
+                Json::Str(Cow::Owned(
+                    serde_json::from_str::<String>(s).unwrap_or_default(),
+                ))
+            } else {
+                Json::Str(Cow::Borrowed(inner))
+            }
+        }
+        Some(b'{') | Some(b'[') => Json::Nested(s),
+        _ => Json::Number(s),
+    }
+}
+
+fn reject(kind: RejectKind, col: &Column, msg: String) -> Reject {
+    Reject::new(kind, Some(&col.name), msg)
+}
+
+fn encode_value(col: &Column, raw: &RawValue, out: &mut Vec<u8>) -> Result<(), Reject> {
+    let v = classify(raw);
+    if let Json::Null = v {
+        if col.not_null {
+            return Err(reject(
+                RejectKind::NullNotAllowed,
+                col,
+                format!("column {:?} is NOT NULL but the field is null", col.name),
+            ));
+        }
+        out.extend_from_slice(b"\\N");
+        return Ok(());
+    }
+    let wrong = |what: &str| {
+        reject(
+            RejectKind::WrongType,
+            col,
+            format!("column {:?} cannot take {what}", col.name),
+        )
+    };
+    match &col.kind {
+        ColumnKind::Int2 | ColumnKind::Int4 | ColumnKind::Int8 => {
+            let s = match &v {
+                Json::Number(n) => *n,
+                Json::Str(s) => s.trim(),
+                Json::Bool(_) => return Err(wrong("a boolean")),
+                _ => return Err(wrong("an object or array")),
+            };
+            let n: i64 = s.parse().map_err(|_| {
+                reject(
+                    RejectKind::InvalidInteger,
+                    col,
+                    format!("{s:?} is not an integer"),
+                )
+            })?;
+            let (lo, hi) = match col.kind {
+                ColumnKind::Int2 => (i16::MIN as i64, i16::MAX as i64),
+                ColumnKind::Int4 => (i32::MIN as i64, i32::MAX as i64),
+                _ => (i64::MIN, i64::MAX),
+            };
+            if n < lo || n > hi {
+                return Err(reject(
+                    RejectKind::NumericOutOfRange,
+                    col,
+                    format!("{n} is outside the column's range {lo}..={hi}"),
+                ));
+            }
+            out.extend_from_slice(s.as_bytes());
+        }
+        ColumnKind::Numeric(ps) => {
+            let s = match &v {
+                Json::Number(n) => *n,
+                Json::Str(s) => s.trim(),
+                Json::Bool(_) => return Err(wrong("a boolean")),
+                _ => return Err(wrong("an object or array")),
+            };
+            check_decimal(s, *ps).map_err(|(kind, msg)| reject(kind, col, msg))?;
+            out.extend_from_slice(s.as_bytes());
+        }
+        ColumnKind::Float => {
+            let s = match &v {
+                Json::Number(n) => *n,
+                Json::Str(s) => s.trim(),
+                Json::Bool(_) => return Err(wrong("a boolean")),
+                _ => return Err(wrong("an object or array")),
+            };
+            if s.parse::<f64>().is_err() {
+                return Err(reject(
+                    RejectKind::InvalidNumber,
+                    col,
+                    format!("{s:?} is not a number"),
+                ));
+            }
+            out.extend_from_slice(s.as_bytes());
+        }
+        ColumnKind::Bool => {
+            let b = match &v {
+                Json::Bool(b) => *b,
+                Json::Str(s) => match s.trim().to_ascii_lowercase().as_str() {
+                    "true" | "t" | "yes" | "y" | "on" | "1" => true,
+                    "false" | "f" | "no" | "n" | "off" | "0" => false,
+                    _ => {
+                        return Err(reject(
+                            RejectKind::InvalidBoolean,
+                            col,
+                            format!("{s:?} is not a boolean"),
+                        ))
+                    }
+                },
+                Json::Number("1") => true,
+                Json::Number("0") => false,
+                _ => return Err(wrong("this value as a boolean")),
+            };
+            out.push(if b { b't' } else { b'f' });
+        }
+        ColumnKind::Text { max_chars } => {
+            let s: &str = match &v {
+                Json::Str(s) => s,
+                Json::Number(n) => n,
+                Json::Bool(true) => "true",
+                Json::Bool(false) => "false",
+                _ => return Err(wrong("an object or array")),
+            };
+            if let Some(max) = max_chars {
+                // PostgreSQL silently trims excess trailing spaces, so only the rest counts.
+                let n = s.trim_end_matches(' ').chars().count();
+                if n > *max {
+                    return Err(reject(
+                        RejectKind::TooLong,
+                        col,
+                        format!("{n} characters, the column allows {max}"),
+                    ));
+                }
+            }
+            write_copy_text(s, out).map_err(|()| nul(col))?;
+        }
+        ColumnKind::Date => {
+            let Json::Str(s) = &v else {
+                return Err(wrong("a non-string as a date"));
+            };
+            check_date(s.trim()).map_err(|(kind, msg)| reject(kind, col, msg))?;
+            out.extend_from_slice(s.trim().as_bytes());
+        }
+        ColumnKind::Timestamp => {
+            let Json::Str(s) = &v else {
+                return Err(wrong("a non-string as a timestamp"));
+            };
+            let s = s.trim();
+            if parse_timestamp(s).is_none() {
+                return Err(reject(
+                    RejectKind::InvalidTimestamp,
+                    col,
+                    format!("{s:?} is not a timestamp (use RFC 3339, e.g. 2026-11-23T03:55:48Z)"),
+                ));
+            }
+            out.extend_from_slice(s.as_bytes());
+        }
+        ColumnKind::Uuid => {
+            let Json::Str(s) = &v else {
+                return Err(wrong("a non-string as a uuid"));
+            };
+            let hex: String = s.chars().filter(|c| *c != '-').collect();
+            if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(reject(
+                    RejectKind::InvalidUuid,
+                    col,
+                    format!("{s:?} is not a uuid"),
+                ));
+            }
+            out.extend_from_slice(s.as_bytes());
+        }
+        ColumnKind::Json => {
+            let text = raw.get();
+            if text.contains("\\u0000") {
+                return Err(nul(col));
+            }
+            write_copy_text(text, out).map_err(|()| nul(col))?;
+        }
+        ColumnKind::Other(_) => {
+            let s: &str = match &v {
+                Json::Str(s) => s,
+                Json::Number(n) => n,
+                Json::Bool(true) => "true",
+                Json::Bool(false) => "false",
+                Json::Nested(t) => t,
+                Json::Null => unreachable!("null handled above"),
+            };
+            write_copy_text(s, out).map_err(|()| nul(col))?;
+        }
+    }
+    Ok(())
+}
+
+fn nul(col: &Column) -> Reject {
+    reject(
+        RejectKind::NulByte,
+        col,
+        format!(
+            "column {:?}: text contains a NUL byte, which PostgreSQL cannot store",
+            col.name
+        ),
+    )
+}
+
+/// Appends `s` escaped for COPY text format; `Err` if it contains NUL.
+fn write_copy_text(s: &str, out: &mut Vec<u8>) -> Result<(), ()> {
+    let bytes = s.as_bytes();
+    if !bytes
+        .iter()
+        .any(|&b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r' | 0))
+    {
+        out.extend_from_slice(bytes);
+        return Ok(());
+    }
+    for &b in bytes {
+        match b {
+            0 => return Err(()),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
+    }
+    Ok(())
+}
+
+/// Checks decimal syntax and, for `numeric(p, s)`, that the integer part fits `p - s` digits.
+fn check_decimal(s: &str, ps: Option<(u32, u32)>) -> Result<(), (RejectKind, String)> {
+    let bad = || {
+        (
+            RejectKind::InvalidDecimal,
+            format!("{s:?} is not a decimal number"),
+        )
+    };
+    let body = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let (mantissa, exp) = match body.find(['e', 'E']) {
+        Some(i) => (&body[..i], Some(&body[i + 1..])),
+        None => (body, None),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if (int.is_empty() && frac.is_empty())
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(bad());
+    }
+    if let Some(e) = exp {
+        if e.strip_prefix(['+', '-'])
+            .unwrap_or(e)
+            .parse::<u32>()
+            .is_err()
+        {
+            return Err(bad());
+        }
+        // With an exponent the magnitude check is left to the database (rare in practice).
+        return Ok(());
+    }
+    if let Some((p, scale)) = ps {
+        let digits = int.trim_start_matches('0').len() as u32;
+        if digits > p.saturating_sub(scale) {
+            return Err((
+                RejectKind::NumericOutOfRange,
+                format!(
+                    "{s} has {digits} integer digits; numeric({p},{scale}) allows {}",
+                    p.saturating_sub(scale)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// PostgreSQL's `date` range ends at 5874897-12-31 (and starts in 4713 BC, which ISO input here
+/// does not express).
+const PG_MAX_DATE_YEAR: i64 = 5_874_897;
+
+/// Accepts ISO `YYYY-MM-DD` (year ≥ 1): the one unambiguous format.
+fn check_date(s: &str) -> Result<(), (RejectKind, String)> {
+    let invalid = || {
+        (
+            RejectKind::InvalidDate,
+            format!("{s:?} is not a valid date (expected YYYY-MM-DD)"),
+        )
+    };
+    let mut parts = s.splitn(3, '-');
+    let (Some(y), Some(m), Some(d)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(invalid());
+    };
+    if y.len() < 4 || m.len() != 2 || d.len() != 2 {
+        return Err(invalid());
+    }
+    let (Ok(y), Ok(m), Ok(d)) = (y.parse::<i64>(), m.parse::<u32>(), d.parse::<u32>()) else {
+        return Err(invalid());
+    };
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return Err(invalid());
+    }
+    if !(1..=PG_MAX_DATE_YEAR).contains(&y) {
+        return Err((
+            RejectKind::DateOutOfRange,
+            format!("{s:?}: year {y} is outside the date range 1..={PG_MAX_DATE_YEAR}"),
+        ));
+    }
+    // chrono knows the calendar up to year 262143; beyond it only the month/day bounds above apply.
+    if y <= 262_143 && chrono::NaiveDate::from_ymd_opt(y as i32, m, d).is_none() {
+        return Err(invalid());
+    }
+    Ok(())
+}
+
+/// Parses RFC 3339 or `YYYY-MM-DD[ T]HH:MM:SS[.f]` (no zone): returns micros since the epoch.
+pub fn parse_timestamp(s: &str) -> Option<i64> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Some(t.timestamp_micros());
+    }
+    for fmt in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
+            return Some(t.and_utc().timestamp_micros());
+        }
+    }
+    None
+}
+
+/// A queue time as the header carries it: an integer of microseconds since the epoch, or an
+/// RFC 3339 string.
+pub fn parse_queue_time_text(s: &str) -> Option<i64> {
+    let s = s.trim();
+    s.parse::<i64>().ok().or_else(|| parse_timestamp(s))
+}
+
+fn parse_queue_time_json(raw: &RawValue) -> Option<i64> {
+    match classify(raw) {
+        Json::Number(n) => n.parse::<i64>().ok(),
+        Json::Str(s) => parse_queue_time_text(&s),
+        _ => None,
+    }
+}
+
+/// Writes micros since the epoch as `YYYY-MM-DD HH:MM:SS.ffffff+00`.
+pub fn write_timestamp_us(out: &mut Vec<u8>, us: i64) {
+    use std::io::Write;
+    match chrono::DateTime::from_timestamp_micros(us) {
+        Some(t) => {
+            let _ = write!(out, "{}", t.format("%Y-%m-%d %H:%M:%S%.6f+00"));
+        }
+        None => out.extend_from_slice(b"\\N"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{PipelineConfig, QueueDeclare};
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    fn col(name: &str, kind: ColumnKind, not_null: bool) -> Column {
+        Column {
+            name: name.into(),
+            kind,
+            not_null,
+            db_filled: false,
+        }
+    }
+
+    fn pipeline() -> PipelineConfig {
+        PipelineConfig {
+            name: "p".into(),
+            queue: "q".into(),
+            queue_declare: QueueDeclare::Quorum,
+            target_schema: None,
+            target_table: "t".into(),
+            prefetch: 10,
+            pack: 10,
+            latency: Duration::from_millis(10),
+            sessions: 1,
+            max_body_bytes: 4096,
+            unknown_fields: UnknownFields::Reject,
+            queue_time_header: "x-queue-time".into(),
+            queue_time_field: None,
+            queue_time_column: Some("queue_time".into()),
+            rename: BTreeMap::from([("last name".to_string(), "lname".to_string())]),
+        }
+    }
+
+    fn decoder() -> Decoder {
+        let mut db_time = col("db_time", ColumnKind::Timestamp, false);
+        db_time.db_filled = true;
+        let table = vec![
+            col("id", ColumnKind::Text { max_chars: Some(5) }, true),
+            col("age", ColumnKind::Int4, false),
+            col("income", ColumnKind::Numeric(Some((9, 2))), false),
+            col("born", ColumnKind::Date, false),
+            col("lname", ColumnKind::Text { max_chars: None }, false),
+            col("ok", ColumnKind::Bool, false),
+            col("queue_time", ColumnKind::Timestamp, false),
+            db_time,
+        ];
+        Decoder::new(&table, &pipeline()).expect("decoder")
+    }
+
+    /// Decodes `body` with a header queue time of 0 and returns the COPY line or the reject code.
+    fn check(body: &[u8]) -> Result<String, &'static str> {
+        let mut out = b"prefix|".to_vec();
+        match decoder().decode(body, Some(0), 99, &mut out) {
+            Ok(_) => Ok(String::from_utf8(out[7..].to_vec()).expect("utf8")),
+            Err(r) => {
+                assert_eq!(out, b"prefix|", "buffer restored after reject");
+                Err(r.kind.as_str())
+            }
+        }
+    }
+
+    const QT: &str = "1970-01-01 00:00:00.000000+00";
+
+    #[test]
+    fn table_of_cases() {
+        let cases: &[(&[u8], Result<&str, &str>)] = &[
+            (br#"{"id":"a1","age":42,"income":"12.50","born":"2001-02-03","Last Name":"x\ty","ok":true}"#,
+             Ok("a1\t42\t12.50\t2001-02-03\tx\\ty\tt\tQT\n")),
+            (br#"{"ID":"a1"}"#, Ok("a1\t\\N\t\\N\t\\N\t\\N\t\\N\tQT\n")),
+            (br#"{"id":"a1","age":"4x"}"#, Err("invalid_integer")),
+            (br#"{"id":"a1","age":"3000000000"}"#, Err("numeric_out_of_range")),
+            (br#"{"id":"a1","income":"12a.50"}"#, Err("invalid_decimal")),
+            (br#"{"id":"a1","income":12345678.9}"#, Err("numeric_out_of_range")),
+            (br#"{"id":"a1","income":1234567.891}"#, Ok("a1\t\\N\t1234567.891\t\\N\t\\N\t\\N\tQT\n")),
+            (br#"{"id":"a1","born":"2021-02-30"}"#, Err("invalid_date")),
+            (br#"{"id":"a1","born":"9999999-01-01"}"#, Err("date_out_of_range")),
+            (br#"{"id":"a1","born":"yesterday"}"#, Err("invalid_date")),
+            (br#"{"id":"abcdef"}"#, Err("too_long")),
+            (br#"{"id":"abcde   "}"#, Ok("abcde   \t\\N\t\\N\t\\N\t\\N\t\\N\tQT\n")),
+            (br#"{"age":1}"#, Err("missing_field")),
+            (br#"{"id":null}"#, Err("null_not_allowed")),
+            (br#"{"id":"a1","zzz":1}"#, Err("extra_field")),
+            (br#"{"id":"a1","db_time":"2020-01-01T00:00:00Z"}"#, Err("extra_field")),
+            (br#"{"id":"a1","id":"a2"}"#, Err("duplicate_field")),
+            (br#"{"id":"a\u0000"}"#, Err("nul_byte")),
+            (br#"{"id":"a1","age":{"x":1}}"#, Err("wrong_type")),
+            (br#"{"id":"a1","ok":"maybe"}"#, Err("invalid_boolean")),
+            (br#"{"id":"a1""#, Err("malformed_json")),
+            (br#"{"id":"a1"} trailing"#, Err("malformed_json")),
+            (br#"[1,2]"#, Err("not_object")),
+            (b"", Err("malformed_json")),
+            (b"{\"id\":\"\xff\"}", Err("invalid_utf8")),
+            (br#"{"id":"a\\b\nc"}"#, Ok("a\\\\b\\nc\t\\N\t\\N\t\\N\t\\N\t\\N\tQT\n")),
+        ];
+        for (body, want) in cases {
+            let want = want.map(|s| s.replace("QT", QT));
+            assert_eq!(
+                check(body),
+                want.as_deref().map(str::to_string).map_err(|e| *e),
+                "body {}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn oversize_body_is_rejected_before_parsing() {
+        let body = vec![b' '; 5000];
+        assert_eq!(check(&body), Err("oversize"));
+    }
+
+    #[test]
+    fn queue_time_from_payload_when_no_header() {
+        let d = decoder();
+        let mut out = Vec::new();
+        let r = d
+            .decode(
+                br#"{"id":"a","queue_time":"1970-01-01T00:00:01Z"}"#,
+                None,
+                5,
+                &mut out,
+            )
+            .expect("ok");
+        assert_eq!(r.queue_time_us, 1_000_000);
+        let r = d
+            .decode(br#"{"id":"a","queue_time":2500000}"#, None, 5, &mut out)
+            .expect("ok");
+        assert_eq!(r.queue_time_us, 2_500_000);
+        let r = d.decode(br#"{"id":"a"}"#, None, 5, &mut out).expect("ok");
+        assert_eq!(r.queue_time_us, 5, "falls back to receive time");
+        let e = d
+            .decode(br#"{"id":"a","queue_time":"soon"}"#, None, 5, &mut out)
+            .unwrap_err();
+        assert_eq!(e.kind, RejectKind::InvalidQueueTime);
+    }
+
+    #[test]
+    fn header_queue_time_formats() {
+        assert_eq!(
+            parse_queue_time_text("1700000000000000"),
+            Some(1_700_000_000_000_000)
+        );
+        assert_eq!(
+            parse_queue_time_text("1970-01-01T00:00:02Z"),
+            Some(2_000_000)
+        );
+        assert_eq!(parse_queue_time_text("later"), None);
+    }
+
+    #[test]
+    fn rename_to_unknown_column_is_a_setup_error() {
+        let mut p = pipeline();
+        p.rename.insert("x".into(), "nope".into());
+        let table = vec![col("id", ColumnKind::Int4, true)];
+        assert!(Decoder::new(&table, &p).is_err());
+    }
+
+    #[test]
+    fn reject_codes_are_unique() {
+        let mut codes: Vec<_> = RejectKind::ALL.iter().map(|k| k.as_str()).collect();
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), RejectKind::ALL.len());
+    }
+
+    proptest::proptest! {
+        /// Any text survives COPY escaping: unescaping gives it back, and no raw separator leaks.
+        #[test]
+        fn copy_escaping_round_trips(s in "[^\u{0}]{0,40}") {
+            let mut out = Vec::new();
+            write_copy_text(&s, &mut out).expect("no NUL");
+            proptest::prop_assert!(!out.contains(&b'\t') && !out.contains(&b'\n'));
+            let text = String::from_utf8(out).expect("utf8");
+            let mut back = String::new();
+            let mut it = text.chars();
+            while let Some(c) = it.next() {
+                if c == '\\' {
+                    match it.next() {
+                        Some('t') => back.push('\t'),
+                        Some('n') => back.push('\n'),
+                        Some('r') => back.push('\r'),
+                        Some(o) => back.push(o),
+                        None => {}
+                    }
+                } else {
+                    back.push(c);
+                }
+            }
+            proptest::prop_assert_eq!(back, s);
+        }
+    }
+}

@@ -1,0 +1,1454 @@
+//! Feed: the test publisher behind `conveyor feed`.
+//!
+//! It owns everything needed to put realistic load on a queue without a separate tool:
+//! generating seed-like rows for the demo `person` table (deploy/sql/person.sql), with a chosen
+//! share of deliberately bad rows whose reject codes are known in advance, and publishing them
+//! (or the lines of a JSON-lines file) with the header conventions the daemon reads
+//! (`x-queue-time`, message id), persistent and with publisher confirms.
+//!
+//! Why it lives in the crate: tests and benchmarks need to know *exactly* what was published —
+//! how many rows should load, how many should be rejected and under which code, and a checksum
+//! of the loaded ids — so they can check the daemon end to end. The [`FeedReport`] is that
+//! ground truth. Generation is deterministic from the seed, so a failing run can be replayed.
+//!
+//! Throughput: publishes are written one after another on one channel (which keeps the
+//! order of rows, so a duplicate always follows its original), while up to [`CONFIRM_WINDOW`]
+//! broker confirms are outstanding at once instead of one round trip per message.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::io::AsyncBufReadExt;
+use tokio::time::Instant;
+
+use crate::config::{QueueDeclare, SecretUrl};
+use crate::source::{self, SourceError};
+
+/// Outstanding publisher confirms allowed before the publisher waits for the oldest one.
+pub const CONFIRM_WINDOW: usize = 2_000;
+
+/// Header carrying the publish time in microseconds since the epoch (the daemon's default
+/// `queue_time_header`).
+pub const QUEUE_TIME_HEADER: &str = "x-queue-time";
+
+/// Pacing granularity when a rate is set: messages go out in small bursts at most this often.
+const PACE_TICK: Duration = Duration::from_millis(10);
+
+/// Keys in a generated body: the 33 columns of `person` minus `db_time` (filled by the
+/// database) and `queue_time` (carried in the [`QUEUE_TIME_HEADER`] header).
+pub const PERSON_BODY_KEYS: usize = 31;
+
+/// How many recent good ids a duplicate may copy from.
+const RECENT_GOOD: usize = 4_096;
+
+/// A deliberate defect in a generated row; each bad row has exactly one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BadKind {
+    /// The id repeats the id of a good row published earlier in the run.
+    DuplicateKey,
+    /// `last_update` is "2021-02-30".
+    InvalidDate,
+    /// `age` is "4x2".
+    LettersInInteger,
+    /// `income` is "12a4.50".
+    LettersInDecimal,
+    /// `creditexp` is "9999999-01-01".
+    DateOutOfRange,
+}
+
+impl BadKind {
+    pub const ALL: [BadKind; 5] = [
+        BadKind::DuplicateKey,
+        BadKind::InvalidDate,
+        BadKind::LettersInInteger,
+        BadKind::LettersInDecimal,
+        BadKind::DateOutOfRange,
+    ];
+
+    /// The reject code conveyor records for a row with this defect.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BadKind::DuplicateKey => "duplicate_key",
+            BadKind::InvalidDate => "invalid_date",
+            BadKind::LettersInInteger => "invalid_integer",
+            BadKind::LettersInDecimal => "invalid_decimal",
+            BadKind::DateOutOfRange => "date_out_of_range",
+        }
+    }
+}
+
+impl std::fmt::Display for BadKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FeedOptions {
+    pub amqp_url: SecretUrl,
+    pub queue: String,
+    /// Declare the queue the same way the daemon does before publishing.
+    pub declare: QueueDeclare,
+    /// Rows to publish (ignored when `file` is `Some`: every line is published).
+    pub count: u64,
+    /// Rows per second, 0 = as fast as possible.
+    pub rate: u64,
+    /// 0..=100: share of generated rows that are bad, spread evenly over the 5 kinds.
+    pub errors_pct: f64,
+    /// JSON lines: each non-empty line is one message body, published as is.
+    pub file: Option<PathBuf>,
+    /// RNG seed: same seed → same rows.
+    pub seed: u64,
+    /// First generated id number (so several feeds into one table do not collide).
+    pub id_base: u64,
+    /// Show an indicatif progress bar with the rate.
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FeedReport {
+    /// Messages published and confirmed by the broker.
+    pub published: u64,
+    /// Rows expected to load.
+    pub good: u64,
+    /// Rows expected to be rejected, by defect.
+    pub bad: BTreeMap<BadKind, u64>,
+    /// Sum of the numeric ids of the good rows (checksum for tests).
+    pub good_id_sum: u128,
+    pub seconds: f64,
+}
+
+impl FeedReport {
+    /// Total bad rows over all kinds.
+    pub fn bad_total(&self) -> u64 {
+        self.bad.values().sum()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    #[error("invalid feed options: {0}")]
+    Options(String),
+    #[error("cannot read feed file {path}: {source} (check the path given with --file; it must be a readable JSON-lines file)")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("AMQP {what} failed: {source} (the broker closed the channel or connection; check the RabbitMQ log and `rabbitmqctl status` for alarms, then rerun the feed)")]
+    Amqp {
+        what: &'static str,
+        source: lapin::Error,
+    },
+    #[error("the broker refused (nack) message {message_id} on queue {queue:?}: it could not store it — check `rabbitmqctl status` for a disk or memory alarm and the queue's length limit, then rerun the feed")]
+    Nacked { queue: String, message_id: String },
+    #[error("message {message_id} could not be routed to queue {queue:?}: the queue was deleted while feeding — rerun the feed to declare it again")]
+    Unroutable { queue: String, message_id: String },
+    #[error("the broker did not confirm message {message_id}: publisher confirms are off on the channel (a bug in conveyor feed; please report it)")]
+    NotConfirmed { message_id: String },
+}
+
+/// Publishes generated rows (or the lines of `opts.file`) to `opts.queue`, waits for every
+/// broker confirm, and reports exactly what was published.
+pub async fn run(opts: FeedOptions) -> Result<FeedReport, FeedError> {
+    validate(&opts)?;
+    // Open the file before touching the broker, so a wrong path fails fast and harmlessly.
+    let file = match &opts.file {
+        Some(path) => Some((
+            path.clone(),
+            tokio::fs::File::open(path)
+                .await
+                .map_err(|source| FeedError::File {
+                    path: path.clone(),
+                    source,
+                })?,
+        )),
+        None => None,
+    };
+
+    let conn = source::connect(&opts.amqp_url, "conveyor-feed").await?;
+    let result = publish_all(&conn, &opts, file).await;
+    match result {
+        Ok(report) => {
+            conn.close(200, "feed done".into())
+                .await
+                .map_err(|source| FeedError::Amqp {
+                    what: "connection.close",
+                    source,
+                })?;
+            tracing::info!(
+                queue = %opts.queue,
+                published = report.published,
+                good = report.good,
+                bad = report.bad_total(),
+                seconds = report.seconds,
+                rate = if report.seconds > 0.0 { report.published as f64 / report.seconds } else { 0.0 },
+                "feed done"
+            );
+            Ok(report)
+        }
+        Err(e) => {
+            // Best effort: the error that stopped the feed is the one worth reporting.
+            let _ = conn.close(200, "feed aborted".into()).await;
+            Err(e)
+        }
+    }
+}
+
+fn validate(opts: &FeedOptions) -> Result<(), FeedError> {
+    if opts.queue.is_empty() {
+        return Err(FeedError::Options(
+            "the queue name is empty: give the queue to publish to".into(),
+        ));
+    }
+    if !opts.errors_pct.is_finite() || !(0.0..=100.0).contains(&opts.errors_pct) {
+        return Err(FeedError::Options(format!(
+            "errors_pct = {} is outside 0..=100: give the percentage of bad rows",
+            opts.errors_pct
+        )));
+    }
+    if opts.file.is_none() && opts.id_base.checked_add(opts.count).is_none() {
+        return Err(FeedError::Options(format!(
+            "id_base {} + count {} overflows the 20-digit id: lower id_base or count",
+            opts.id_base, opts.count
+        )));
+    }
+    Ok(())
+}
+
+async fn publish_all(
+    conn: &Connection,
+    opts: &FeedOptions,
+    file: Option<(PathBuf, tokio::fs::File)>,
+) -> Result<FeedReport, FeedError> {
+    let amqp = |what| move |source| FeedError::Amqp { what, source };
+    let channel = conn.create_channel().await.map_err(amqp("channel.open"))?;
+    source::declare_queue(&channel, &opts.queue, opts.declare).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(amqp("confirm.select"))?;
+
+    let bar = progress_bar(opts, file.is_some());
+    let mut publisher = Publisher {
+        channel: &channel,
+        queue: &opts.queue,
+        window: VecDeque::with_capacity(CONFIRM_WINDOW),
+        rate: opts.rate,
+        start: Instant::now(),
+        sent: 0,
+        bar: bar.clone(),
+    };
+    let mut report = match file {
+        Some((path, f)) => feed_file(&mut publisher, opts.seed, &path, f).await?,
+        None => feed_generated(&mut publisher, opts).await?,
+    };
+    publisher.drain().await?;
+    report.seconds = publisher.start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    channel
+        .close(200, "feed done".into())
+        .await
+        .map_err(amqp("channel.close"))?;
+    Ok(report)
+}
+
+fn progress_bar(opts: &FeedOptions, from_file: bool) -> ProgressBar {
+    if !opts.progress {
+        return ProgressBar::hidden();
+    }
+    let (bar, template) = if from_file {
+        (
+            ProgressBar::new_spinner(),
+            "{spinner} {pos} rows [{elapsed_precise}] {per_sec}",
+        )
+    } else {
+        (
+            ProgressBar::new(opts.count),
+            "{wide_bar} {pos}/{len} rows [{elapsed_precise}] {per_sec} eta {eta}",
+        )
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Generates `opts.count` rows with the planned share of bad ones and publishes them.
+async fn feed_generated(
+    publisher: &mut Publisher<'_>,
+    opts: &FeedOptions,
+) -> Result<FeedReport, FeedError> {
+    let mut report = FeedReport::default();
+    let mut rows = StdRng::seed_from_u64(opts.seed);
+    let mut plan = BadPlan::new(opts.seed, opts.errors_pct);
+    let mut recent_good: VecDeque<u64> = VecDeque::with_capacity(RECENT_GOOD);
+    for i in 0..opts.count {
+        // Cannot overflow: validate() checked id_base + count.
+        let id = opts.id_base + i;
+        let bad = plan.next(i, !recent_good.is_empty());
+        let duplicate_of = match bad {
+            Some(BadKind::DuplicateKey) => {
+                let k = plan.rng.random_range(0..recent_good.len());
+                recent_good.get(k).copied()
+            }
+            _ => None,
+        };
+        let body = person_row(id, &mut rows, bad, duplicate_of);
+        publisher
+            .publish(format!("{:x}-{id}", opts.seed), &body)
+            .await?;
+        report.published += 1;
+        match bad {
+            None => {
+                report.good += 1;
+                report.good_id_sum += u128::from(id);
+                if recent_good.len() == RECENT_GOOD {
+                    recent_good.pop_front();
+                }
+                recent_good.push_back(id);
+            }
+            Some(kind) => *report.bad.entry(kind).or_insert(0) += 1,
+        }
+    }
+    Ok(report)
+}
+
+/// Publishes every non-empty line of a JSON-lines file as one message body, bytes as they are
+/// (invalid UTF-8 included, so the daemon's rejects can be exercised too).
+async fn feed_file(
+    publisher: &mut Publisher<'_>,
+    seed: u64,
+    path: &std::path::Path,
+    file: tokio::fs::File,
+) -> Result<FeedReport, FeedError> {
+    let mut report = FeedReport::default();
+    let mut reader = tokio::io::BufReader::with_capacity(1 << 16, file);
+    let mut line = Vec::with_capacity(1024);
+    let mut line_no: u64 = 0;
+    loop {
+        line.clear();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .await
+            .map_err(|source| FeedError::File {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        while matches!(line.last(), Some(b'\n' | b'\r')) {
+            line.pop();
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        publisher
+            .publish(format!("{seed:x}-L{line_no}"), &line)
+            .await?;
+        report.published += 1;
+        report.good += 1;
+    }
+    Ok(report)
+}
+
+/// Decides which rows are bad: exactly `errors_pct` percent of rows (to a millionth), spread
+/// evenly through the run from a seed-dependent phase, kinds in round-robin from a
+/// seed-dependent start. A duplicate needs an earlier good row; until one exists that turn
+/// goes to the next kind.
+struct BadPlan {
+    ppm: u128,
+    phase: u128,
+    kind_next: usize,
+    rng: StdRng,
+}
+
+impl BadPlan {
+    fn new(seed: u64, errors_pct: f64) -> BadPlan {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x9E37_79B9_7F4A_7C15);
+        // errors_pct was validated to 0..=100, so this is 0..=1_000_000.
+        let ppm = (errors_pct * 10_000.0).round().clamp(0.0, 1_000_000.0) as u128;
+        let phase = rng.random_range(0..1_000_000u128);
+        let kind_next = rng.random_range(0..BadKind::ALL.len());
+        BadPlan {
+            ppm,
+            phase,
+            kind_next,
+            rng,
+        }
+    }
+
+    fn next(&mut self, i: u64, have_good: bool) -> Option<BadKind> {
+        let i = u128::from(i);
+        let before = (i * self.ppm + self.phase) / 1_000_000;
+        let after = ((i + 1) * self.ppm + self.phase) / 1_000_000;
+        if after == before {
+            return None;
+        }
+        let mut kind = BadKind::ALL[self.kind_next % BadKind::ALL.len()];
+        self.kind_next = self.kind_next.wrapping_add(1);
+        if kind == BadKind::DuplicateKey && !have_good {
+            kind = BadKind::ALL[self.kind_next % BadKind::ALL.len()];
+            self.kind_next = self.kind_next.wrapping_add(1);
+        }
+        Some(kind)
+    }
+}
+
+/// Sequential publishes with a bounded window of outstanding confirms, paced to `rate`.
+struct Publisher<'a> {
+    channel: &'a Channel,
+    queue: &'a str,
+    window: VecDeque<(String, PublisherConfirm)>,
+    rate: u64,
+    start: Instant,
+    sent: u64,
+    bar: ProgressBar,
+}
+
+impl Publisher<'_> {
+    async fn publish(&mut self, message_id: String, body: &[u8]) -> Result<(), FeedError> {
+        self.pace().await;
+        if self.window.len() >= CONFIRM_WINDOW {
+            self.confirm_oldest().await?;
+        }
+        let mut headers = FieldTable::default();
+        headers.insert(
+            QUEUE_TIME_HEADER.into(),
+            AMQPValue::LongLongInt(now_micros()),
+        );
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(message_id.as_str().into())
+            .with_headers(headers);
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                self.queue.into(),
+                BasicPublishOptions {
+                    // Unroutable (queue deleted meanwhile) comes back instead of vanishing.
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                props,
+            )
+            .await
+            .map_err(|source| FeedError::Amqp {
+                what: "basic.publish",
+                source,
+            })?;
+        self.window.push_back((message_id, confirm));
+        self.sent += 1;
+        self.bar.inc(1);
+        Ok(())
+    }
+
+    /// With a rate, message `k` is due at `start + k / rate`; when ahead of schedule, sleep
+    /// at least one tick so messages leave in small bursts and the average rate is exact.
+    async fn pace(&self) {
+        if self.rate == 0 {
+            return;
+        }
+        let nanos = u128::from(self.sent) * 1_000_000_000 / u128::from(self.rate);
+        let due = self.start + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
+        let now = Instant::now();
+        if due > now {
+            tokio::time::sleep_until(due.max(now + PACE_TICK)).await;
+        }
+    }
+
+    async fn confirm_oldest(&mut self) -> Result<(), FeedError> {
+        let Some((message_id, confirm)) = self.window.pop_front() else {
+            return Ok(());
+        };
+        match confirm.await {
+            Ok(Confirmation::Ack(None)) => Ok(()),
+            Ok(Confirmation::Ack(Some(_))) => Err(FeedError::Unroutable {
+                queue: self.queue.to_string(),
+                message_id,
+            }),
+            Ok(Confirmation::Nack(_)) => Err(FeedError::Nacked {
+                queue: self.queue.to_string(),
+                message_id,
+            }),
+            Ok(Confirmation::NotRequested) => Err(FeedError::NotConfirmed { message_id }),
+            Err(source) => Err(FeedError::Amqp {
+                what: "publisher confirm",
+                source,
+            }),
+        }
+    }
+
+    async fn drain(&mut self) -> Result<(), FeedError> {
+        while !self.window.is_empty() {
+            self.confirm_oldest().await?;
+        }
+        Ok(())
+    }
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row generation
+// ---------------------------------------------------------------------------------------------
+
+const MALE_NAMES: &[&str] = &[
+    "James",
+    "Robert",
+    "John",
+    "Michael",
+    "David",
+    "William",
+    "Richard",
+    "Joseph",
+    "Thomas",
+    "Christopher",
+    "Charles",
+    "Daniel",
+    "Matthew",
+    "Anthony",
+    "Mark",
+    "Donald",
+    "Steven",
+    "Paul",
+    "Andrew",
+    "Joshua",
+    "Kenneth",
+    "Kevin",
+    "Brian",
+    "George",
+    "Timothy",
+    "Ronald",
+    "Jason",
+    "Edward",
+    "Jeffrey",
+    "Ryan",
+    "Jacob",
+    "Gary",
+    "Nicholas",
+    "Eric",
+    "Jonathan",
+    "Stephen",
+    "Benjamin",
+    "Alexander",
+    "Maximilian",
+    "Bartholomew",
+    "Santiago",
+    "Mohammed",
+    "Hiroshi",
+];
+const FEMALE_NAMES: &[&str] = &[
+    "Mary",
+    "Patricia",
+    "Jennifer",
+    "Linda",
+    "Elizabeth",
+    "Barbara",
+    "Susan",
+    "Jessica",
+    "Sarah",
+    "Karen",
+    "Lisa",
+    "Nancy",
+    "Betty",
+    "Margaret",
+    "Sandra",
+    "Ashley",
+    "Kimberly",
+    "Emily",
+    "Donna",
+    "Michelle",
+    "Carol",
+    "Amanda",
+    "Melissa",
+    "Deborah",
+    "Stephanie",
+    "Rebecca",
+    "Sharon",
+    "Laura",
+    "Cynthia",
+    "Kathleen",
+    "Amy",
+    "Angela",
+    "Anastasia",
+    "Guadalupe",
+    "Priya",
+    "Mei",
+    "Francesca",
+    "Josephine",
+    "Evangeline",
+];
+const LAST_NAMES: &[&str] = &[
+    "Smith",
+    "Johnson",
+    "Williams",
+    "Brown",
+    "Jones",
+    "Garcia",
+    "Miller",
+    "Davis",
+    "Rodriguez",
+    "Martinez",
+    "Hernandez",
+    "Lopez",
+    "Gonzalez",
+    "Wilson",
+    "Anderson",
+    "Thomas",
+    "Taylor",
+    "Moore",
+    "Jackson",
+    "Martin",
+    "Lee",
+    "Perez",
+    "Thompson",
+    "White",
+    "Harris",
+    "Sanchez",
+    "Clark",
+    "Ramirez",
+    "Lewis",
+    "Robinson",
+    "Walker",
+    "Young",
+    "Allen",
+    "King",
+    "Wright",
+    "Scott",
+    "Torres",
+    "Nguyen",
+    "Hill",
+    "Flores",
+    "Green",
+    "Adams",
+    "Nelson",
+    "Baker",
+    "Hall",
+    "Rivera",
+    "Campbell",
+    "Mitchell",
+    "Carter",
+    "Roberts",
+    "O'Connor",
+    "Vandenberghe",
+    "Featherstonehaugh",
+    "Kowalczyk",
+    "Yamamoto",
+    "Okonkwo",
+];
+/// (city, state, zip prefix, area code, DMA code)
+const PLACES: &[(&str, &str, &str, &str, &str)] = &[
+    ("New York", "New York", "100", "212", "501"),
+    ("Brooklyn", "New York", "112", "718", "501"),
+    ("Los Angeles", "California", "900", "213", "803"),
+    ("San Diego", "California", "921", "619", "825"),
+    ("San Jose", "California", "951", "408", "807"),
+    ("San Francisco", "California", "941", "415", "807"),
+    ("Chicago", "Illinois", "606", "312", "602"),
+    ("Houston", "Texas", "770", "713", "618"),
+    ("San Antonio", "Texas", "782", "210", "641"),
+    ("Dallas", "Texas", "752", "214", "623"),
+    ("Austin", "Texas", "787", "512", "635"),
+    ("Phoenix", "Arizona", "850", "602", "753"),
+    ("Philadelphia", "Pennsylvania", "191", "215", "504"),
+    ("Pittsburgh", "Pennsylvania", "152", "412", "508"),
+    ("Jacksonville", "Florida", "322", "904", "561"),
+    ("Miami", "Florida", "331", "305", "528"),
+    ("Columbus", "Ohio", "432", "614", "535"),
+    ("Charlotte", "North Carolina", "282", "704", "517"),
+    ("Winston-Salem", "North Carolina", "271", "336", "518"),
+    ("Indianapolis", "Indiana", "462", "317", "527"),
+    ("Seattle", "Washington", "981", "206", "819"),
+    ("Denver", "Colorado", "802", "303", "751"),
+    ("Boston", "Massachusetts", "021", "617", "506"),
+    ("Nashville", "Tennessee", "372", "615", "659"),
+    ("Portland", "Oregon", "972", "503", "820"),
+    ("Las Vegas", "Nevada", "891", "702", "839"),
+    ("Minneapolis", "Minnesota", "554", "612", "613"),
+    ("Salt Lake City", "Utah", "841", "801", "770"),
+    ("Washington", "District of Columbia", "200", "202", "511"),
+    ("Albuquerque", "New Mexico", "871", "505", "790"),
+    ("Milwaukee", "Wisconsin", "532", "414", "617"),
+    ("Kansas City", "Missouri", "641", "816", "616"),
+    ("Atlanta", "Georgia", "303", "404", "524"),
+    ("New Orleans", "Louisiana", "701", "504", "622"),
+    ("Louisville", "Kentucky", "402", "502", "529"),
+];
+const STREETS: &[&str] = &[
+    "Main",
+    "Oak",
+    "Pine",
+    "Maple",
+    "Cedar",
+    "Elm",
+    "Washington",
+    "Lake",
+    "Hill",
+    "Park",
+    "Sunset",
+    "Lincoln",
+    "Jefferson",
+    "Madison",
+    "Franklin",
+    "Highland",
+    "Riverside",
+    "Chestnut",
+    "Walnut",
+    "Willow",
+    "Meadowbrook",
+    "Spring Valley",
+    "Martin Luther King Jr",
+    "Church",
+];
+const STREET_SUFFIXES: &[&str] = &[
+    "St", "Ave", "Blvd", "Rd", "Ln", "Dr", "Ct", "Way", "Pl", "Pkwy", "Terrace", "Circle",
+];
+const DIRECTIONS: &[&str] = &["", "", "", "N ", "S ", "E ", "W ", "NE ", "SW "];
+const HOME_STATUS: &[&str] = &["Own", "Rent", "Mortgage", "Lease", "With Family", "Other"];
+const MARITAL: &[&str] = &[
+    "Single",
+    "Married",
+    "Divorced",
+    "Widowed",
+    "Separated",
+    "Partnered",
+];
+const WORK_STATUS: &[&str] = &[
+    "Full-time",
+    "Part-time",
+    "Retired",
+    "Unemployed",
+    "Student",
+    "Contract",
+    "Freelance",
+];
+const EDUCATION: &[&str] = &[
+    "High School Diploma",
+    "Associate Degree",
+    "Bachelor's Degree",
+    "Master's Degree",
+    "Doctorate",
+    "Some College",
+    "Professional Degree",
+    "Trade School Certificate",
+];
+const OCCUPATIONS: &[&str] = &[
+    "Software Engineer",
+    "Registered Nurse",
+    "Accountant",
+    "Elementary School Teacher",
+    "Sales Manager",
+    "Electrician",
+    "Civil Engineer",
+    "Graphic Designer",
+    "Pharmacist",
+    "Truck Driver",
+    "Marketing Coordinator",
+    "Financial Analyst",
+    "Dental Hygienist",
+    "Construction Project Manager",
+    "Customer Service Representative",
+    "Physical Therapist",
+    "Executive Chef",
+    "Police Officer",
+    "Real Estate Agent",
+    "Data Scientist",
+    "Mechanical Engineer",
+    "Human Resources Specialist",
+    "Licensed Practical Nurse",
+    "Administrative Assistant",
+    "Heating and Air Conditioning Technician",
+];
+const ISPS: &[&str] = &[
+    "Comcast Cable Communications, LLC",
+    "Charter Communications Inc",
+    "AT&T Services, Inc.",
+    "Verizon Fios Business and Residential Services",
+    "Cox Communications Inc.",
+    "CenturyLink Communications, LLC",
+    "Frontier Communications of America, Inc.",
+    "T-Mobile USA, Inc.",
+    "Optimum Online (Altice USA, Inc.)",
+    "Windstream Communications LLC",
+    "Mediacom Communications Corp",
+    "Google Fiber Inc.",
+    "Spectrum (Charter Communications Operating, LLC)",
+    "Starlink Internet Services (Space Exploration Technologies Corp)",
+];
+const EMAIL_DOMAINS: &[&str] = &[
+    "gmail.com",
+    "yahoo.com",
+    "outlook.com",
+    "hotmail.com",
+    "icloud.com",
+    "aol.com",
+    "protonmail.com",
+    "comcast.net",
+    "att.net",
+    "example.org",
+];
+const EVENTS: &[&str] = &[
+    "signup",
+    "login",
+    "page_view",
+    "cart_add",
+    "purchase",
+    "newsletter",
+    "survey",
+    "support_call",
+    "referral",
+    "review",
+    "return",
+    "wishlist",
+    "coupon",
+];
+const SUFFIXES: &[&str] = &["Jr.", "Sr.", "II", "III", "IV", "MD", "PhD", "Esq."];
+
+/// (os, browser platform token, browsers allowed on it)
+const PLATFORMS: &[(&str, &str, &[&str])] = &[
+    (
+        "Windows 11",
+        "Windows NT 10.0; Win64; x64",
+        &["Chrome", "Firefox", "Edg"],
+    ),
+    (
+        "Windows 10",
+        "Windows NT 10.0; Win64; x64",
+        &["Chrome", "Firefox", "Edg"],
+    ),
+    (
+        "macOS 14.4",
+        "Macintosh; Intel Mac OS X 10_15_7",
+        &["Safari", "Chrome", "Firefox"],
+    ),
+    (
+        "macOS 13.6",
+        "Macintosh; Intel Mac OS X 10_15_7",
+        &["Safari", "Chrome"],
+    ),
+    (
+        "Ubuntu 22.04",
+        "X11; Ubuntu; Linux x86_64",
+        &["Firefox", "Chrome"],
+    ),
+    ("Fedora 39", "X11; Fedora; Linux x86_64", &["Firefox"]),
+    (
+        "iOS 17.4",
+        "iPhone; CPU iPhone OS 17_4 like Mac OS X",
+        &["Safari", "CriOS"],
+    ),
+    (
+        "Android 14",
+        "Linux; Android 14; Pixel 8",
+        &["Chrome", "Firefox"],
+    ),
+    (
+        "Android 13",
+        "Linux; Android 13; SM-S911B",
+        &["Chrome", "SamsungBrowser"],
+    ),
+    ("ChromeOS 122", "X11; CrOS x86_64 15633.69.0", &["Chrome"]),
+];
+
+fn pick<'a, R: Rng + ?Sized>(rng: &mut R, list: &[&'a str]) -> &'a str {
+    list[rng.random_range(0..list.len())]
+}
+
+fn days_in_month(year: u32, month: u32) -> u32 {
+    match month {
+        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+fn random_date<R: Rng + ?Sized>(rng: &mut R, years: std::ops::RangeInclusive<u32>) -> String {
+    let y = rng.random_range(years);
+    let m = rng.random_range(1..=12);
+    let d = rng.random_range(1..=days_in_month(y, m));
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+fn digits<R: Rng + ?Sized>(rng: &mut R, out: &mut String, n: usize) {
+    for _ in 0..n {
+        out.push(char::from(b'0' + rng.random_range(0..10u8)));
+    }
+}
+
+/// A card number with a valid Luhn check digit, grouped like "4539-1488-0343-6467"
+/// (Amex "3714-496353-98431").
+fn card_number<R: Rng + ?Sized>(rng: &mut R, kind: &str) -> String {
+    let (prefix, len): (&str, usize) = match kind {
+        "Visa" => ("4", 16),
+        "MasterCard" => (pick(rng, &["51", "52", "53", "54", "55"]), 16),
+        "Amex" => (pick(rng, &["34", "37"]), 15),
+        "Discover" => ("6011", 16),
+        "Diners Club" => ("36", 14),
+        _ => ("35", 16), // JCB
+    };
+    let mut num = String::with_capacity(len);
+    num.push_str(prefix);
+    digits(rng, &mut num, len - prefix.len() - 1);
+    // Luhn: double every second digit from the right, counting the check digit as first.
+    let sum: u32 = num
+        .bytes()
+        .rev()
+        .enumerate()
+        .map(|(i, b)| {
+            let d = u32::from(b - b'0');
+            if i % 2 == 0 {
+                let dd = d * 2;
+                if dd > 9 {
+                    dd - 9
+                } else {
+                    dd
+                }
+            } else {
+                d
+            }
+        })
+        .sum();
+    num.push(char::from(b'0' + ((10 - sum % 10) % 10) as u8));
+    let groups: &[usize] = match len {
+        15 => &[4, 6, 5],
+        14 => &[4, 6, 4],
+        _ => &[4, 4, 4, 4],
+    };
+    let mut out = String::with_capacity(len + 3);
+    let mut at = 0;
+    for (i, g) in groups.iter().enumerate() {
+        if i > 0 {
+            out.push('-');
+        }
+        out.push_str(&num[at..at + g]);
+        at += g;
+    }
+    out
+}
+
+/// A JSON value in a generated body.
+enum Val<'a> {
+    Str(&'a str),
+    Raw(&'a str),
+}
+
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    for c in s.chars() {
+        match c {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            c if (c as u32) < 0x20 => {
+                out.extend_from_slice(format!("\\u{:04x}", c as u32).as_bytes());
+            }
+            c => {
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            }
+        }
+    }
+    out.push(b'"');
+}
+
+/// One generated seed-like person row as a JSON object body (pure; used by benches too).
+///
+/// `n` is the row's id number: the id is `format!("{n:020}")` (20 digits, fits `char(20)`).
+/// `bad` puts exactly one defect in the row (see [`BadKind`]); for
+/// [`BadKind::DuplicateKey`] the defect is the id, which becomes `duplicate_of` (the id number
+/// of an earlier good row) — with `duplicate_of = None` that row is not actually bad.
+/// `duplicate_of` is ignored for other kinds. The random content does not depend on `bad`:
+/// the same `rng` state gives the same row apart from the defect.
+pub fn person_row(
+    n: u64,
+    rng: &mut impl rand::Rng,
+    bad: Option<BadKind>,
+    duplicate_of: Option<u64>,
+) -> Vec<u8> {
+    let male = rng.random_bool(0.5);
+    let fname = pick(rng, if male { MALE_NAMES } else { FEMALE_NAMES });
+    let mname = pick(rng, if male { MALE_NAMES } else { FEMALE_NAMES });
+    let lname = pick(rng, LAST_NAMES);
+    let prefix = if rng.random_bool(0.08) {
+        "Dr."
+    } else if male {
+        "Mr."
+    } else {
+        pick(rng, &["Mrs.", "Ms.", "Ms."])
+    };
+    let suffix = pick(rng, SUFFIXES);
+    let age = rng.random_range(18..=89u32).to_string();
+    let income_cents: u64 = rng.random_range(1_500_000..=35_000_000);
+    let income = format!("{}.{:02}", income_cents / 100, income_cents % 100);
+    let (city, state, zip3, area, dma) = PLACES[rng.random_range(0..PLACES.len())];
+    let mut zip = String::with_capacity(10);
+    zip.push_str(zip3);
+    digits(rng, &mut zip, 2);
+    zip.push('-');
+    digits(rng, &mut zip, 4);
+    let telephone = format!(
+        "({area}) {}-{:04}",
+        rng.random_range(200..=999u32),
+        rng.random_range(0..=9999u32)
+    );
+    let address1 = format!(
+        "{} {}{} {}",
+        rng.random_range(1..=99_999u32),
+        pick(rng, DIRECTIONS),
+        pick(rng, STREETS),
+        pick(rng, STREET_SUFFIXES)
+    );
+    let address2 = match rng.random_range(0..5u32) {
+        0 => format!(
+            "Apt {}{}",
+            rng.random_range(1..=40u32),
+            pick(rng, &["A", "B", "C", "D"])
+        ),
+        1 => format!("Suite {}", rng.random_range(100..=2_500u32)),
+        2 => format!("Unit {}", rng.random_range(1..=999u32)),
+        3 => format!("PO Box {}", rng.random_range(1..=99_999u32)),
+        _ => format!("Floor {}", rng.random_range(2..=60u32)),
+    };
+    let (os, platform, browsers) = PLATFORMS[rng.random_range(0..PLATFORMS.len())];
+    let browser_name = pick(rng, browsers);
+    let version = match browser_name {
+        "Safari" => format!(
+            "{}.{}",
+            rng.random_range(15..=17u32),
+            rng.random_range(0..=6u32)
+        ),
+        "SamsungBrowser" => format!("{}.0", rng.random_range(20..=24u32)),
+        _ => format!("{}.0", rng.random_range(110..=126u32)),
+    };
+    let browser = format!("{browser_name}/{version} ({platform})");
+    let occupation = pick(rng, OCCUPATIONS);
+    let education = pick(rng, EDUCATION);
+    let credit_type = pick(
+        rng,
+        &[
+            "Visa",
+            "Visa",
+            "MasterCard",
+            "Amex",
+            "Discover",
+            "Diners Club",
+            "JCB",
+        ],
+    );
+    let creditnum = card_number(rng, credit_type);
+    let exp_year = rng.random_range(2025..=2032u32);
+    let exp_month = rng.random_range(1..=12u32);
+    let creditexp = format!(
+        "{exp_year:04}-{exp_month:02}-{:02}",
+        days_in_month(exp_year, exp_month)
+    );
+    let last_update = random_date(rng, 2018..=2025);
+    let mut events = String::with_capacity(50);
+    for _ in 0..rng.random_range(1..=5u32) {
+        let e = pick(rng, EVENTS);
+        if events.len() + e.len() + 1 > 50 {
+            break;
+        }
+        if !events.is_empty() {
+            events.push(',');
+        }
+        events.push_str(e);
+    }
+    let letters = |s: &str| -> String {
+        s.chars()
+            .filter(char::is_ascii_alphabetic)
+            .map(|c| c.to_ascii_lowercase())
+            .collect()
+    };
+    let domain = pick(rng, EMAIL_DOMAINS);
+    let sep = pick(rng, &[".", "_", ""]);
+    let mut email = format!(
+        "{}{sep}{}{}@{domain}",
+        letters(fname),
+        letters(lname),
+        rng.random_range(1..=99u32)
+    );
+    if email.len() > 55 {
+        email = format!("{}{}@{domain}", letters(&fname[..1]), letters(lname));
+    }
+
+    let id = match (bad, duplicate_of) {
+        (Some(BadKind::DuplicateKey), Some(orig)) => orig,
+        _ => n,
+    };
+    let id = format!("{id:020}");
+    let last_update = match bad {
+        Some(BadKind::InvalidDate) => "2021-02-30".to_string(),
+        _ => last_update,
+    };
+    let age = match bad {
+        Some(BadKind::LettersInInteger) => Val::Str("4x2"),
+        _ => Val::Raw(&age),
+    };
+    let income = match bad {
+        Some(BadKind::LettersInDecimal) => "12a4.50".to_string(),
+        _ => income,
+    };
+    let creditexp = match bad {
+        Some(BadKind::DateOutOfRange) => "9999999-01-01".to_string(),
+        _ => creditexp,
+    };
+
+    let fields: [(&str, Val<'_>); PERSON_BODY_KEYS] = [
+        ("id", Val::Str(&id)),
+        ("home_status", Val::Str(pick(rng, HOME_STATUS))),
+        ("age", age),
+        ("gender", Val::Str(if male { "M" } else { "F" })),
+        ("occupation", Val::Str(occupation)),
+        ("income", Val::Str(&income)),
+        ("os", Val::Str(os)),
+        ("last_update", Val::Str(&last_update)),
+        ("marital_status", Val::Str(pick(rng, MARITAL))),
+        ("zip", Val::Str(&zip)),
+        ("education", Val::Str(education)),
+        ("prefix_description", Val::Str(prefix)),
+        ("isp", Val::Str(pick(rng, ISPS))),
+        ("fname", Val::Str(fname)),
+        ("dma_lu", Val::Str(dma)),
+        ("lname", Val::Str(lname)),
+        ("browser", Val::Str(&browser)),
+        ("mname", Val::Str(mname)),
+        ("creditnum", Val::Str(&creditnum)),
+        ("suffix_description", Val::Str(suffix)),
+        ("creditexp", Val::Str(&creditexp)),
+        ("address1", Val::Str(&address1)),
+        ("work_status", Val::Str(pick(rng, WORK_STATUS))),
+        ("credit_type", Val::Str(credit_type)),
+        ("events", Val::Str(&events)),
+        ("address2", Val::Str(&address2)),
+        ("city", Val::Str(city)),
+        ("telephone", Val::Str(&telephone)),
+        ("email", Val::Str(&email)),
+        ("state", Val::Str(state)),
+        ("country", Val::Str("United States")),
+    ];
+    let mut out = Vec::with_capacity(900);
+    out.push(b'{');
+    let mut first = true;
+    for (key, val) in &fields {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        push_json_str(&mut out, key);
+        out.push(b':');
+        match val {
+            Val::Str(s) => push_json_str(&mut out, s),
+            Val::Raw(s) => out.extend_from_slice(s.as_bytes()),
+        }
+    }
+    out.push(b'}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Column → max characters, from deploy/sql/person.sql (None: not a character column).
+    const LENGTHS: [(&str, Option<usize>); PERSON_BODY_KEYS] = [
+        ("id", Some(20)),
+        ("home_status", Some(12)),
+        ("age", None),
+        ("gender", Some(1)),
+        ("occupation", Some(50)),
+        ("income", None),
+        ("os", Some(15)),
+        ("last_update", None),
+        ("marital_status", Some(12)),
+        ("zip", Some(10)),
+        ("education", Some(24)),
+        ("prefix_description", Some(4)),
+        ("isp", Some(100)),
+        ("fname", Some(20)),
+        ("dma_lu", Some(12)),
+        ("lname", Some(20)),
+        ("browser", Some(55)),
+        ("mname", Some(20)),
+        ("creditnum", Some(20)),
+        ("suffix_description", Some(4)),
+        ("creditexp", None),
+        ("address1", Some(40)),
+        ("work_status", Some(12)),
+        ("credit_type", Some(12)),
+        ("events", Some(50)),
+        ("address2", Some(40)),
+        ("city", Some(20)),
+        ("telephone", Some(14)),
+        ("email", Some(55)),
+        ("state", Some(20)),
+        ("country", Some(20)),
+    ];
+
+    type Obj = serde_json::Map<String, serde_json::Value>;
+
+    fn parse(body: &[u8]) -> Obj {
+        match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(serde_json::Value::Object(m)) => m,
+            other => panic!(
+                "not a JSON object: {other:?}: {}",
+                String::from_utf8_lossy(body)
+            ),
+        }
+    }
+
+    fn valid_date(s: &str) -> bool {
+        s.len() == 10 && chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").is_ok()
+    }
+
+    fn valid_decimal_9_2(s: &str) -> bool {
+        let Some((int, frac)) = s.split_once('.') else {
+            return false;
+        };
+        !int.is_empty()
+            && int.len() <= 7
+            && frac.len() == 2
+            && int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+    }
+
+    /// Everything a good row must satisfy, except the id (checked by callers).
+    fn assert_good_fields(m: &Obj) {
+        assert_eq!(m.len(), PERSON_BODY_KEYS, "keys: {:?}", m.keys());
+        for (col, max) in LENGTHS {
+            let v = m.get(col).unwrap_or_else(|| panic!("missing key {col}"));
+            if let Some(max) = max {
+                let s = v
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{col} is not a string: {v}"));
+                assert!(!s.is_empty(), "{col} is empty");
+                assert!(s.chars().count() <= max, "{col} = {s:?} longer than {max}");
+            }
+        }
+        assert!(!m.contains_key("queue_time") && !m.contains_key("db_time"));
+        let age = m["age"].as_i64().expect("age is an integer");
+        assert!((0..=150).contains(&age));
+        let income = m["income"].as_str().expect("income is a string");
+        assert!(valid_decimal_9_2(income), "income {income:?}");
+        for col in ["last_update", "creditexp"] {
+            let d = m[col].as_str().expect("date is a string");
+            assert!(valid_date(d), "{col} = {d:?}");
+        }
+        assert_eq!(m["telephone"].as_str().map(str::len), Some(14));
+        assert_eq!(m["zip"].as_str().map(str::len), Some(10));
+        assert!(m["email"].as_str().is_some_and(|e| e.contains('@')));
+    }
+
+    #[test]
+    fn good_rows_fit_the_table() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut total = 0usize;
+        let rows = 2_000u64;
+        for n in 0..rows {
+            let id = 1_000_000 + n;
+            let body = person_row(id, &mut rng, None, None);
+            assert!(
+                (550..=900).contains(&body.len()),
+                "{} bytes: {}",
+                body.len(),
+                String::from_utf8_lossy(&body)
+            );
+            total += body.len();
+            let m = parse(&body);
+            assert_good_fields(&m);
+            let id_s = m["id"].as_str().expect("id is a string");
+            assert_eq!(id_s.len(), 20);
+            assert_eq!(id_s.parse::<u64>().ok(), Some(id));
+        }
+        let avg = total as u64 / rows;
+        assert!((650..=830).contains(&avg), "average body {avg} bytes");
+    }
+
+    #[test]
+    fn keys_are_the_column_names_in_order() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let body = String::from_utf8(person_row(5, &mut rng, None, None)).expect("utf-8");
+        let mut at = 0;
+        for (col, _) in LENGTHS {
+            let key = format!("\"{col}\":");
+            let pos = body[at..]
+                .find(&key)
+                .unwrap_or_else(|| panic!("{col} out of order"));
+            at += pos + key.len();
+        }
+    }
+
+    #[test]
+    fn each_bad_kind_has_exactly_its_defect() {
+        for seed in 0..50u64 {
+            let good = parse(&person_row(
+                42,
+                &mut StdRng::seed_from_u64(seed),
+                None,
+                None,
+            ));
+            for kind in BadKind::ALL {
+                let body = person_row(42, &mut StdRng::seed_from_u64(seed), Some(kind), Some(17));
+                let m = parse(&body);
+                let (col, expect) = match kind {
+                    BadKind::DuplicateKey => ("id", serde_json::json!("00000000000000000017")),
+                    BadKind::InvalidDate => ("last_update", serde_json::json!("2021-02-30")),
+                    BadKind::LettersInInteger => ("age", serde_json::json!("4x2")),
+                    BadKind::LettersInDecimal => ("income", serde_json::json!("12a4.50")),
+                    BadKind::DateOutOfRange => ("creditexp", serde_json::json!("9999999-01-01")),
+                };
+                assert_eq!(m[col], expect, "{kind:?}");
+                // Everything else is identical to the good row from the same RNG state.
+                let mut differing: Vec<&String> = m
+                    .keys()
+                    .filter(|k| m[k.as_str()] != good[k.as_str()])
+                    .collect();
+                differing.sort();
+                assert_eq!(differing, vec![col], "{kind:?}");
+                if kind == BadKind::DuplicateKey {
+                    assert_good_fields(&m);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_kind_codes() {
+        let codes: Vec<&str> = BadKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(
+            codes,
+            [
+                "duplicate_key",
+                "invalid_date",
+                "invalid_integer",
+                "invalid_decimal",
+                "date_out_of_range"
+            ]
+        );
+    }
+
+    #[test]
+    fn same_seed_same_bytes() {
+        let gen = |seed| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            (0..100u64)
+                .map(|n| person_row(n, &mut rng, None, None))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(gen(3), gen(3));
+        assert_ne!(gen(3), gen(4));
+    }
+
+    #[test]
+    fn card_numbers_pass_luhn() {
+        let mut rng = StdRng::seed_from_u64(9);
+        for kind in [
+            "Visa",
+            "MasterCard",
+            "Amex",
+            "Discover",
+            "Diners Club",
+            "JCB",
+        ] {
+            for _ in 0..50 {
+                let c = card_number(&mut rng, kind);
+                let digits: Vec<u32> = c.chars().filter_map(|ch| ch.to_digit(10)).collect();
+                let sum: u32 = digits
+                    .iter()
+                    .rev()
+                    .enumerate()
+                    .map(|(i, &d)| {
+                        if i % 2 == 1 {
+                            (d * 2) % 9 + if d == 9 { 9 } else { 0 }
+                        } else {
+                            d
+                        }
+                    })
+                    .sum();
+                assert_eq!(sum % 10, 0, "{kind} {c}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_plan_is_exact_even_and_deterministic() {
+        let rows = 100_000u64;
+        let run = |seed: u64, pct: f64| {
+            let mut plan = BadPlan::new(seed, pct);
+            (0..rows).map(|i| plan.next(i, i > 0)).collect::<Vec<_>>()
+        };
+        let a = run(11, 5.0);
+        assert_eq!(a, run(11, 5.0));
+        let bad = a.iter().filter(|b| b.is_some()).count() as u64;
+        assert_eq!(bad, rows / 20);
+        let mut per: BTreeMap<BadKind, u64> = BTreeMap::new();
+        for k in a.iter().flatten() {
+            *per.entry(*k).or_insert(0) += 1;
+        }
+        assert_eq!(per.len(), 5);
+        assert!(per.values().all(|&v| v == bad / 5), "{per:?}");
+        assert!(run(11, 0.0).iter().all(Option::is_none));
+        assert!(run(11, 100.0).iter().all(Option::is_some));
+        // No duplicate before any good row exists.
+        let mut plan = BadPlan::new(0, 100.0);
+        for i in 0..20 {
+            assert_ne!(plan.next(i, false), Some(BadKind::DuplicateKey));
+        }
+    }
+
+    #[test]
+    fn options_are_validated() {
+        let opts = FeedOptions {
+            amqp_url: SecretUrl::new("amqp://localhost:5672/%2f"),
+            queue: "q".into(),
+            declare: QueueDeclare::Quorum,
+            count: 10,
+            rate: 0,
+            errors_pct: 5.0,
+            file: None,
+            seed: 1,
+            id_base: 0,
+            progress: false,
+        };
+        assert!(validate(&opts).is_ok());
+        assert!(validate(&FeedOptions {
+            errors_pct: 101.0,
+            ..opts.clone()
+        })
+        .is_err());
+        assert!(validate(&FeedOptions {
+            errors_pct: f64::NAN,
+            ..opts.clone()
+        })
+        .is_err());
+        assert!(validate(&FeedOptions {
+            queue: String::new(),
+            ..opts.clone()
+        })
+        .is_err());
+        assert!(validate(&FeedOptions {
+            id_base: u64::MAX,
+            ..opts.clone()
+        })
+        .is_err());
+    }
+}

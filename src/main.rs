@@ -1,0 +1,5 @@
+//! The `conveyor` binary: everything lives in the library; see `conveyor --help`.
+
+fn main() -> std::process::ExitCode {
+    conveyor::cli::main()
+}

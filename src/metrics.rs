@@ -1,0 +1,132 @@
+//! Every metric conveyor exports, declared once: names, labels, units and buckets.
+//!
+//! Labels come from closed sets (pipeline names from config, reject kinds from
+//! `decode::RejectKind`, end reasons from `job::EndReason`); metrics are emitted per batch, not
+//! per row, except the row-latency histogram, which is fed after commit, off the decode path.
+
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::decode::RejectKind;
+use crate::pack::Batch;
+
+pub const MESSAGES_RECEIVED: &str = "conveyor_messages_received_total";
+pub const ROWS_LOADED: &str = "conveyor_rows_loaded_total";
+pub const ROWS_REJECTED: &str = "conveyor_rows_rejected_total";
+pub const BATCHES: &str = "conveyor_batches_total";
+pub const BATCH_ROWS: &str = "conveyor_batch_rows";
+pub const BATCH_COMMIT_SECONDS: &str = "conveyor_batch_commit_seconds";
+pub const ROW_LATENCY_SECONDS: &str = "conveyor_row_latency_seconds";
+pub const RECONNECTS: &str = "conveyor_reconnects_total";
+pub const JOBS: &str = "conveyor_jobs_total";
+pub const ACTIVE_WORKER: &str = "conveyor_active_worker";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+];
+const BATCH_ROW_BUCKETS: &[f64] = &[
+    1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process and returns the handle that renders it.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(ROW_LATENCY_SECONDS.into()), LATENCY_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(BATCH_COMMIT_SECONDS.into()),
+                        LATENCY_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(BATCH_ROWS.into()), BATCH_ROW_BUCKETS)
+                })
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed (a test harness); the handle still renders.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(MESSAGES_RECEIVED, "AMQP deliveries received");
+    describe_counter!(ROWS_LOADED, "rows committed into target tables, by op");
+    describe_counter!(ROWS_REJECTED, "rows committed into error tables, by kind");
+    describe_counter!(BATCHES, "batch transactions committed");
+    describe_histogram!(BATCH_ROWS, Unit::Count, "rows per committed batch");
+    describe_histogram!(
+        BATCH_COMMIT_SECONDS,
+        Unit::Seconds,
+        "time to write and commit one batch"
+    );
+    describe_histogram!(
+        ROW_LATENCY_SECONDS,
+        Unit::Seconds,
+        "queue_time to commit, per loaded row"
+    );
+    describe_counter!(
+        RECONNECTS,
+        "failed attempts on a service, each followed by a reconnect"
+    );
+    describe_counter!(JOBS, "jobs ended, by status and end reason");
+    describe_gauge!(ACTIVE_WORKER, "1 while this slot owns the queue");
+}
+
+pub fn messages_received(pipeline: &str, n: u64) {
+    metrics::counter!(MESSAGES_RECEIVED, "pipeline" => pipeline.to_string()).increment(n);
+}
+
+/// Emitted once per committed batch.
+pub fn batch_committed(pipeline: &str, c: &crate::sink::Committed) {
+    let p = pipeline.to_string();
+    metrics::counter!(ROWS_LOADED, "pipeline" => p.clone(), "op" => "insert").increment(c.inserted);
+    for (kind, n) in &c.rejected {
+        metrics::counter!(ROWS_REJECTED, "pipeline" => p.clone(), "kind" => kind.as_str())
+            .increment(*n);
+    }
+    metrics::counter!(BATCHES, "pipeline" => p.clone()).increment(1);
+    metrics::histogram!(BATCH_ROWS, "pipeline" => p.clone()).record(c.rows as f64);
+    metrics::histogram!(BATCH_COMMIT_SECONDS, "pipeline" => p).record(c.commit_seconds);
+}
+
+/// Records queue_time → now for every row of `batch` that loaded; called right after COMMIT.
+pub fn row_latencies(pipeline: &str, batch: &Batch, excluded: &[bool]) {
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    let h = metrics::histogram!(ROW_LATENCY_SECONDS, "pipeline" => pipeline.to_string());
+    for (row, _) in batch.good.iter().zip(excluded).filter(|(_, e)| !**e) {
+        h.record(((now_us - row.queue_time_us).max(0)) as f64 / 1e6);
+    }
+}
+
+pub fn reconnect(pipeline: &str, service: &'static str) {
+    metrics::counter!(RECONNECTS, "pipeline" => pipeline.to_string(), "service" => service)
+        .increment(1);
+}
+
+pub fn job_ended(pipeline: &str, status: i16, reason: &'static str) {
+    metrics::counter!(JOBS, "pipeline" => pipeline.to_string(), "status" => status.to_string(), "end_reason" => reason)
+        .increment(1);
+}
+
+pub fn active_worker(pipeline: &str, slot: &str, active: bool) {
+    metrics::gauge!(ACTIVE_WORKER, "pipeline" => pipeline.to_string(), "slot" => slot.to_string())
+        .set(if active { 1.0 } else { 0.0 });
+}
+
+/// Reject kinds are a closed set; keep the label values in one place for dashboards.
+pub fn reject_kinds() -> impl Iterator<Item = &'static str> {
+    RejectKind::ALL.iter().map(|k| k.as_str())
+}

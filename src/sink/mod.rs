@@ -1,0 +1,484 @@
+//! Sink: commits batches into PostgreSQL, one transaction per batch, on `sessions` connections.
+//!
+//! Each session is a task that owns one connection and takes batches from a shared bounded
+//! queue. A batch's transaction holds its good rows (COPY, the fastest path measured — see
+//! ARCHITECTURE.md), its error rows and its robust mark; so a batch is all committed or not at
+//! all, and only a committed batch is reported back to the worker for acking.
+//!
+//! Rows the database refuses are isolated without failing the batch: PostgreSQL names the COPY
+//! line that failed, so the row is moved to the error table and the batch retried (one extra
+//! round trip per bad row). If an error carries no line, the batch is bisected under savepoints.
+//! Every other error (connection lost, server restarting, lock timeout, table missing) is retried
+//! with backoff on a fresh connection; the robust mark makes a retry after an unknown COMMIT
+//! outcome safe.
+
+pub mod catalog;
+pub mod errors;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::{PgConnection, PgDatabaseError};
+use sqlx::Connection;
+use tokio::sync::{mpsc, Mutex};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::SecretUrl;
+use crate::decode::{Reject, RejectKind};
+use crate::pack::Batch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("target table {table} does not exist (create it, or fix the pipeline's target)")]
+    NoTable { table: String },
+    #[error("{what}: {source}")]
+    Query {
+        what: &'static str,
+        source: sqlx::Error,
+    },
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+}
+
+impl SinkError {
+    /// Whether retrying can help; false only for errors that need an operator.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SinkError::NoTable { .. } => false,
+            SinkError::Query { source, .. } => is_retryable(source),
+            SinkError::Db(_) => true,
+        }
+    }
+}
+
+/// Retry classification for one statement's error: I/O and server-side transient states retry;
+/// an error about the statement itself (syntax, missing object, permission) does not.
+pub fn is_retryable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            !(code.starts_with("42") || code.starts_with("22") || code.starts_with("23"))
+        }
+        _ => true,
+    }
+}
+
+/// The SQL a job's sessions run, built once at job start from checked identifiers.
+#[derive(Debug)]
+pub struct Target {
+    pub pipeline: String,
+    pub job: String,
+    pub copy_sql: String,
+    pub et_table: String,
+    pub robust_insert: String,
+    pub robust_check: String,
+    pub robust_delete: String,
+}
+
+impl Target {
+    pub fn new(
+        pipeline: &str,
+        job: &str,
+        schema: &str,
+        target_schema: Option<&str>,
+        table: &str,
+        columns: &[&str],
+    ) -> Target {
+        use crate::db::quote_ident as q;
+        let table = match target_schema {
+            Some(s) => format!("{}.{}", q(s), q(table)),
+            None => q(table),
+        };
+        let cols: Vec<String> = columns.iter().map(|c| q(c)).collect();
+        let s = q(schema);
+        Target {
+            pipeline: pipeline.to_string(),
+            job: job.to_string(),
+            copy_sql: format!("COPY {table} ({}) FROM STDIN", cols.join(", ")),
+            et_table: format!("{s}.{}", q(&errors::et_table_name(job))),
+            robust_insert: format!(
+                "INSERT INTO {s}.robust_log (job_name, batch_id, first_seq, last_seq, rows) VALUES ($1, $2, $3, $4, $5)"
+            ),
+            robust_delete: format!("DELETE FROM {s}.robust_log WHERE job_name = $1"),
+            robust_check: format!(
+                "SELECT EXISTS (SELECT 1 FROM {s}.robust_log WHERE job_name = $1 AND batch_id = $2)"
+            ),
+        }
+    }
+}
+
+/// What a session reports back to the worker for each batch it took.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The batch's transaction committed (or had already committed before a lost connection).
+    Committed(Committed),
+    /// Shutdown came while the batch could not be committed: it stays unacked, for redelivery.
+    Abandoned { batch_id: u64 },
+}
+
+#[derive(Debug)]
+pub struct Committed {
+    pub batch_id: u64,
+    pub last_tag: u64,
+    pub rows: usize,
+    pub inserted: u64,
+    pub rejected: BTreeMap<RejectKind, u64>,
+    pub commit_seconds: f64,
+}
+
+/// Shared receiving end of the batch queue: whichever session is free takes the next batch.
+pub type BatchQueue = Arc<Mutex<mpsc::Receiver<Batch>>>;
+
+/// Everything a session needs to (re)connect.
+#[derive(Debug, Clone)]
+pub struct SessionParams {
+    pub pipeline: String,
+    pub url: SecretUrl,
+    pub connect_timeout: Duration,
+}
+
+/// Runs one session until the queue closes or `cancel` fires while a batch cannot be committed.
+/// `conn` is the connection opened during job initialisation.
+pub async fn run_session(
+    index: usize,
+    mut conn: Option<PgConnection>,
+    params: SessionParams,
+    target: Arc<Target>,
+    queue: BatchQueue,
+    outcomes: mpsc::Sender<Outcome>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let batch = { queue.lock().await.recv().await };
+        let Some(mut batch) = batch else { break };
+        let mut attempt: u32 = 0;
+        let outcome = loop {
+            if conn.is_none() {
+                match crate::db::connect(&params.url, params.connect_timeout).await {
+                    Ok(c) => {
+                        if attempt > 0 {
+                            info!(pipeline = %params.pipeline, session = index, "database connection restored");
+                        }
+                        conn = Some(c);
+                    }
+                    Err(e) => {
+                        crate::metrics::reconnect(&params.pipeline, "postgres");
+                        warn!(pipeline = %params.pipeline, session = index, attempt, error = %e, "database unavailable, batch held unacked; retrying");
+                    }
+                }
+            }
+            if let Some(c) = conn.as_mut() {
+                let started = Instant::now();
+                match commit_batch(c, &target, &mut batch, attempt > 0).await {
+                    Ok(mut done) => {
+                        done.commit_seconds = started.elapsed().as_secs_f64();
+                        break Outcome::Committed(done);
+                    }
+                    Err(e) => {
+                        crate::metrics::reconnect(&params.pipeline, "postgres");
+                        let level_error = !e.is_retryable();
+                        if level_error {
+                            tracing::error!(pipeline = %params.pipeline, session = index, attempt, error = %e, "batch cannot be written; it stays unacked and is retried (fix the cause, nothing is lost)");
+                        } else {
+                            warn!(pipeline = %params.pipeline, session = index, attempt, error = %e, "batch failed, retrying on a new connection; nothing acked");
+                        }
+                        if let Some(c) = conn.take() {
+                            drop(c.close());
+                        }
+                    }
+                }
+            }
+            attempt += 1;
+            tokio::select! {
+                _ = tokio::time::sleep(crate::backoff::delay(attempt)) => {}
+                _ = cancel.cancelled() => {
+                    warn!(pipeline = %params.pipeline, session = index, batch = batch.id, rows = batch.rows(), "shutting down with an uncommitted batch: left unacked for redelivery");
+                    break Outcome::Abandoned { batch_id: batch.id };
+                }
+            }
+        };
+        if outcomes.send(outcome).await.is_err() {
+            break;
+        }
+    }
+    if let Some(c) = conn {
+        let _ = c.close().await;
+    }
+}
+
+/// Commits one batch: good rows, error rows and robust mark in one transaction. Rows the
+/// database refuses move from `batch.good` to the error rows; the rest load.
+pub async fn commit_batch(
+    conn: &mut PgConnection,
+    target: &Target,
+    batch: &mut Batch,
+    maybe_committed: bool,
+) -> Result<Committed, SinkError> {
+    let q = |what: &'static str| move |source| SinkError::Query { what, source };
+    let mut excluded = vec![false; batch.good.len()];
+    let mut db_bad: Vec<(usize, Reject)> = Vec::new();
+    let mut bisect = false;
+    loop {
+        let mut tx = conn.begin().await.map_err(q("BEGIN"))?;
+        if maybe_committed {
+            let done: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(target.robust_check.as_str()))
+                .bind(&target.job)
+                .bind(batch.id as i64)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(q("checking the robust log"))?;
+            if done {
+                tx.rollback().await.map_err(q("ROLLBACK"))?;
+                info!(job = %target.job, batch = batch.id, "batch had committed before the connection was lost; not loading it again");
+                return Ok(summary(batch, &db_bad));
+            }
+        }
+        if bisect {
+            bisect_rows(&mut tx, target, batch, &mut excluded, &mut db_bad).await?;
+        } else if excluded.iter().any(|e| !e) {
+            match copy_rows(&mut tx, target, batch, &excluded, None).await {
+                Ok(()) => {}
+                Err(e) if is_row_error(&e) => {
+                    tx.rollback().await.map_err(q("ROLLBACK"))?;
+                    match copy_line(&e).and_then(|line| nth_included(&excluded, line)) {
+                        Some(i) => {
+                            excluded[i] = true;
+                            db_bad.push((i, reject_from_db(&e)));
+                        }
+                        None => bisect = true,
+                    }
+                    continue;
+                }
+                Err(e) => return Err(q("COPY into the target")(e)),
+            }
+        }
+        errors::insert_rejects(&mut tx, &target.et_table, batch, &db_bad)
+            .await
+            .map_err(q("inserting into the error table"))?;
+        sqlx::query(sqlx::AssertSqlSafe(target.robust_insert.as_str()))
+            .bind(&target.job)
+            .bind(batch.id as i64)
+            .bind(batch.first_seq as i64)
+            .bind(batch.last_seq as i64)
+            .bind(batch.rows() as i32)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("writing the robust mark"))?;
+        tx.commit().await.map_err(q("COMMIT"))?;
+        crate::metrics::row_latencies(&target.pipeline, batch, &excluded);
+        return Ok(summary(batch, &db_bad));
+    }
+}
+
+fn summary(batch: &Batch, db_bad: &[(usize, Reject)]) -> Committed {
+    let mut rejected = BTreeMap::new();
+    for r in batch
+        .bad
+        .iter()
+        .map(|b| &b.reject)
+        .chain(db_bad.iter().map(|(_, r)| r))
+    {
+        *rejected.entry(r.kind).or_insert(0) += 1;
+    }
+    Committed {
+        batch_id: batch.id,
+        last_tag: batch.last_tag,
+        rows: batch.rows(),
+        inserted: (batch.good.len() - db_bad.len()) as u64,
+        rejected,
+        commit_seconds: 0.0,
+    }
+}
+
+/// COPY the batch's included rows (or only `only`, a subset of indices, when bisecting).
+async fn copy_rows(
+    conn: &mut PgConnection,
+    target: &Target,
+    batch: &Batch,
+    excluded: &[bool],
+    only: Option<&[usize]>,
+) -> Result<(), sqlx::Error> {
+    let mut copy = conn.copy_in_raw(&target.copy_sql).await?;
+    let sent = match only {
+        None if !excluded.iter().any(|e| *e) => copy.send(batch.copy.as_slice()).await.map(|_| ()),
+        None => {
+            let mut r = Ok(());
+            for (row, _) in batch.good.iter().zip(excluded).filter(|(_, e)| !**e) {
+                if let Err(e) = copy.send(&batch.copy[row.start..row.end]).await {
+                    r = Err(e);
+                    break;
+                }
+            }
+            r
+        }
+        Some(idx) => {
+            let mut r = Ok(());
+            for &i in idx {
+                let row = &batch.good[i];
+                if let Err(e) = copy.send(&batch.copy[row.start..row.end]).await {
+                    r = Err(e);
+                    break;
+                }
+            }
+            r
+        }
+    };
+    match sent {
+        Ok(()) => copy.finish().await.map(|_| ()),
+        Err(e) => {
+            let _ = copy.abort("conveyor: send failed").await;
+            Err(e)
+        }
+    }
+}
+
+/// Loads every included row that the database accepts, isolating refused rows by halving the
+/// set under savepoints. Used only when an error does not name its line.
+async fn bisect_rows(
+    conn: &mut PgConnection,
+    target: &Target,
+    batch: &Batch,
+    excluded: &mut [bool],
+    db_bad: &mut Vec<(usize, Reject)>,
+) -> Result<(), SinkError> {
+    let q = |what: &'static str| move |source| SinkError::Query { what, source };
+    let all: Vec<usize> = (0..batch.good.len()).filter(|&i| !excluded[i]).collect();
+    let mut stack = vec![all];
+    let mut trips = 0u32;
+    while let Some(set) = stack.pop() {
+        if set.is_empty() {
+            continue;
+        }
+        trips += 1;
+        sqlx::raw_sql("SAVEPOINT conveyor_bisect")
+            .execute(&mut *conn)
+            .await
+            .map_err(q("SAVEPOINT"))?;
+        match copy_rows(conn, target, batch, excluded, Some(&set)).await {
+            Ok(()) => {
+                sqlx::raw_sql("RELEASE SAVEPOINT conveyor_bisect")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(q("RELEASE SAVEPOINT"))?;
+            }
+            Err(e) if is_row_error(&e) => {
+                sqlx::raw_sql("ROLLBACK TO SAVEPOINT conveyor_bisect")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(q("ROLLBACK TO SAVEPOINT"))?;
+                if set.len() == 1 {
+                    excluded[set[0]] = true;
+                    db_bad.push((set[0], reject_from_db(&e)));
+                } else {
+                    let (a, b) = set.split_at(set.len() / 2);
+                    stack.push(b.to_vec());
+                    stack.push(a.to_vec());
+                }
+            }
+            Err(e) => return Err(q("COPY while bisecting")(e)),
+        }
+    }
+    warn!(job = %target.job, batch = batch.id, refused = db_bad.len(), round_trips = trips, "bisected a refused batch");
+    Ok(())
+}
+
+fn db_error(e: &sqlx::Error) -> Option<&PgDatabaseError> {
+    match e {
+        sqlx::Error::Database(d) => d.try_downcast_ref::<PgDatabaseError>(),
+        _ => None,
+    }
+}
+
+/// Errors caused by a row's content: data exceptions (22), integrity violations (23) and
+/// program limits such as an index row too large (54000).
+fn is_row_error(e: &sqlx::Error) -> bool {
+    db_error(e).is_some_and(|d| {
+        let c = d.code();
+        c.starts_with("22") || c.starts_with("23") || c == "54000"
+    })
+}
+
+/// The 1-based COPY input line an error names (`CONTEXT: COPY person, line 17, column …`).
+fn copy_line(e: &sqlx::Error) -> Option<usize> {
+    let w = db_error(e)?.r#where()?;
+    let rest = &w[w.find(", line ")? + 7..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Index in `batch.good` of the `line`-th row that was sent.
+fn nth_included(excluded: &[bool], line: usize) -> Option<usize> {
+    excluded
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| !**e)
+        .nth(line.checked_sub(1)?)
+        .map(|(i, _)| i)
+}
+
+fn reject_from_db(e: &sqlx::Error) -> Reject {
+    let Some(d) = db_error(e) else {
+        return Reject {
+            kind: RejectKind::DbRefused,
+            column: None,
+            message: e.to_string(),
+            sqlstate: None,
+        };
+    };
+    let kind = if d.code() == "23505" {
+        RejectKind::DuplicateKey
+    } else {
+        RejectKind::DbRefused
+    };
+    // A key violation names its columns only in the detail: `Key (id)=(42) already exists.`
+    let column = d.column().map(str::to_string).or_else(|| {
+        let detail = d.detail()?;
+        let start = detail.find("Key (")? + 5;
+        let end = start + detail[start..].find(")=")?;
+        Some(detail[start..end].to_string())
+    });
+    let message = match d.detail() {
+        Some(detail) => format!("{}: {detail}", d.message()),
+        None => d.message().to_string(),
+    };
+    Reject {
+        kind,
+        column,
+        message,
+        sqlstate: Some(d.code().to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nth_included_skips_excluded_rows() {
+        let ex = [false, true, false, false];
+        assert_eq!(nth_included(&ex, 1), Some(0));
+        assert_eq!(nth_included(&ex, 2), Some(2));
+        assert_eq!(nth_included(&ex, 3), Some(3));
+        assert_eq!(nth_included(&ex, 4), None);
+        assert_eq!(nth_included(&ex, 0), None);
+    }
+
+    #[test]
+    fn target_sql_quotes_every_identifier() {
+        let t = Target::new(
+            "p",
+            "20260101_000000_p_01",
+            "conv",
+            Some("public"),
+            "person",
+            &["id", "age"],
+        );
+        assert_eq!(
+            t.copy_sql,
+            r#"COPY "public"."person" ("id", "age") FROM STDIN"#
+        );
+        assert_eq!(t.et_table, r#""conv"."et_20260101_000000_p_01""#);
+    }
+}
