@@ -1,1 +1,354 @@
-fn main() {}
+//! Drain benchmark: how close conveyor comes to the bare broker and the bare database.
+//!
+//! In one run, against the local RabbitMQ and PostgreSQL: publish N seed-like person rows, time
+//! a bare lapin consumer draining them (ack only); publish them again, time conveyor draining
+//! them into the 33-column `person` table; time a plain COPY of the same rows from a file; then
+//! the same conveyor drain with 1 % bad rows of the five seed kinds. Prints every rate and the
+//! ratios, and writes them to `target/bench/drain.json`.
+//!
+//! `cargo bench --bench drain` (N = 200,000; `DRAIN_ROWS` overrides). Under `cargo test
+//! --all-targets` it runs a small smoke pass that checks the counts instead.
+
+use std::time::{Duration, Instant};
+
+use conveyor::config::{Config, QueueDeclare, SecretUrl};
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use sqlx::{Connection, PgConnection};
+use tokio_util::sync::CancellationToken;
+
+const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const PREFETCH: u16 = 4000;
+
+fn main() {
+    let bench = std::env::args().any(|a| a == "--bench");
+    let n: u64 = if bench {
+        std::env::var("DRAIN_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200_000)
+    } else {
+        2_000
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(run(n, bench));
+}
+
+struct World {
+    schema: String,
+    queue: String,
+}
+
+async fn run(n: u64, bench: bool) {
+    let suffix = format!("{:08x}", rand::random::<u32>());
+    let w = World {
+        schema: format!("bench_{suffix}"),
+        queue: format!("conveyor.bench.{suffix}"),
+    };
+    let mut db = PgConnection::connect(PG_URL).await.expect(
+        "PostgreSQL at 127.0.0.1:5432 (start it: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start)",
+    );
+    let ddl = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/sql/person.sql"
+    ))
+    .expect("person.sql");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE SCHEMA {s}; SET search_path = {s}; {ddl}",
+        s = w.schema
+    )))
+    .execute(&mut db)
+    .await
+    .expect("create bench schema");
+
+    let result = std::panic::AssertUnwindSafe(measure(&w, &mut db, n, bench));
+    let outcome = futures_util::FutureExt::catch_unwind(result).await;
+
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {} CASCADE",
+        w.schema
+    )))
+    .execute(&mut db)
+    .await;
+    if let Ok(conn) = conveyor::source::connect(&SecretUrl::new(AMQP_URL), "bench-cleanup").await {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .queue_delete(w.queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = conn.close(200, "done".into()).await;
+    }
+    if let Err(p) = outcome {
+        std::panic::resume_unwind(p);
+    }
+}
+
+async fn measure(w: &World, db: &mut PgConnection, n: u64, bench: bool) {
+    // 1. bare consumer
+    let fed = feed(w, n, 0.0, 1).await;
+    let bare = bare_consume(&w.queue, n).await;
+
+    // 2. conveyor, clean rows
+    feed(w, n, 0.0, 1).await;
+    let clean = conveyor_drain(w, db, n).await;
+    let (rows, _) = counts(db, w).await;
+    assert_eq!(rows as u64, fed.good, "conveyor loaded every clean row");
+
+    // 3. plain COPY of the same rows from a file
+    let copy = copy_from_file(w, db, n).await;
+
+    // 4. conveyor, 1 % bad rows
+    truncate(db, w).await;
+    let bad_feed = feed(w, n, 1.0, 2).await;
+    let errors = conveyor_drain(w, db, n).await;
+    let (rows, rejected) = counts(db, w).await;
+    assert_eq!(rows as u64, bad_feed.good, "good rows loaded");
+    assert_eq!(
+        rejected as u64,
+        bad_feed.bad.values().sum::<u64>(),
+        "bad rows in the error tables"
+    );
+
+    let line = |name: &str, rate: f64| println!("{name:<38} {rate:>10.0} rows/s");
+    println!(
+        "\ndrain benchmark: {n} seed-like rows (~{} bytes each), prefetch {PREFETCH}, one run\n",
+        fed_bytes(n)
+    );
+    line("bare lapin consumer (ack only)", bare);
+    line("plain COPY from a file", copy);
+    line("conveyor drain, clean", clean);
+    line("conveyor drain, 1 % bad rows", errors);
+    println!();
+    println!(
+        "conveyor clean ÷ bare consumer          {:>10.2}   (aim ≥ 0.75)",
+        clean / bare
+    );
+    println!(
+        "conveyor clean ÷ plain COPY             {:>10.2}",
+        clean / copy
+    );
+    println!(
+        "conveyor 1 % bad ÷ conveyor clean       {:>10.2}   (aim ≥ 0.9)",
+        errors / clean
+    );
+    if bench {
+        let json = serde_json::json!({
+            "rows": n,
+            "bare_consumer_rows_per_s": bare,
+            "copy_from_file_rows_per_s": copy,
+            "conveyor_clean_rows_per_s": clean,
+            "conveyor_errors_1pct_rows_per_s": errors,
+            "ratio_clean_to_bare": clean / bare,
+            "ratio_clean_to_copy": clean / copy,
+            "ratio_errors_to_clean": errors / clean,
+        });
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(dir.join("drain.json"), json.to_string());
+    }
+}
+
+fn fed_bytes(_n: u64) -> usize {
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+    conveyor::feed::person_row(1, &mut rng, None, None).len()
+}
+
+async fn feed(w: &World, n: u64, errors_pct: f64, seed: u64) -> conveyor::feed::FeedReport {
+    conveyor::feed::run(conveyor::feed::FeedOptions {
+        amqp_url: SecretUrl::new(AMQP_URL),
+        queue: w.queue.clone(),
+        declare: QueueDeclare::Quorum,
+        count: n,
+        rate: 0,
+        errors_pct,
+        file: None,
+        seed,
+        id_base: 1,
+        progress: false,
+    })
+    .await
+    .expect("feed")
+}
+
+/// Drains `n` messages with a plain lapin consumer, acking each: the broker's own ceiling.
+async fn bare_consume(queue: &str, n: u64) -> f64 {
+    let conn = conveyor::source::connect(&SecretUrl::new(AMQP_URL), "bench-bare")
+        .await
+        .expect("amqp");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.basic_qos(PREFETCH, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let start = Instant::now();
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "bench-bare".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut got = 0;
+    while got < n {
+        let d = consumer
+            .next()
+            .await
+            .expect("stream open")
+            .expect("delivery");
+        d.ack(BasicAckOptions::default()).await.expect("ack");
+        got += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let _ = conn.close(200, "done".into()).await;
+    n as f64 / secs
+}
+
+/// Runs the daemon in-process on the backlog and times it until every row is committed.
+async fn conveyor_drain(w: &World, db: &mut PgConnection, n: u64) -> f64 {
+    let text = format!(
+        r#"[amqp]
+url = "{AMQP_URL}"
+[database]
+url = "{PG_URL}"
+schema = "{s}"
+[http]
+listen = ""
+[log]
+level = "warn"
+[[pipeline]]
+name = "bench"
+queue = "{q}"
+target = "{s}.person"
+prefetch = {PREFETCH}
+pack = 1000
+latency_ms = 100
+sessions = 2
+queue_time_column = "queue_time"
+"#,
+        s = w.schema,
+        q = w.queue
+    );
+    let config = Config::from_toml(std::path::Path::new("bench.toml"), &text, |_| None)
+        .expect("bench config");
+    let before = counts(db, w).await;
+    let shutdown = CancellationToken::new();
+    let start = Instant::now();
+    let daemon = tokio::spawn(conveyor::daemon::run(config, shutdown.clone()));
+    loop {
+        let (rows, rejected) = counts(db, w).await;
+        if (rows + rejected - before.0 - before.1) as u64 >= n {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "drain did not finish in 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    shutdown.cancel();
+    daemon.await.expect("daemon task").expect("daemon result");
+    n as f64 / secs
+}
+
+/// (rows in person, rows in every error table and their robust-mark-free count).
+async fn counts(db: &mut PgConnection, w: &World) -> (i64, i64) {
+    let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}.person",
+        w.schema
+    )))
+    .fetch_one(&mut *db)
+    .await
+    .expect("count");
+    let rejected: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT coalesce(sum(rows_rejected), 0)::int8 FROM {}.jobs",
+        w.schema
+    )))
+    .fetch_one(&mut *db)
+    .await
+    .unwrap_or(0);
+    let live: i64 = live_rejected(db, w).await;
+    (rows, rejected.max(live))
+}
+
+/// Error rows committed by the running job (the jobs row is refreshed only periodically).
+async fn live_rejected(db: &mut PgConnection, w: &World) -> i64 {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 AND table_name LIKE 'et\\_%'",
+    )
+    .bind(&w.schema)
+    .fetch_all(&mut *db)
+    .await
+    .unwrap_or_default();
+    let mut total = 0;
+    for t in tables {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {}.\"{t}\"",
+            w.schema
+        )))
+        .fetch_one(&mut *db)
+        .await
+        .unwrap_or(0);
+        total += n;
+    }
+    total
+}
+
+async fn truncate(db: &mut PgConnection, w: &World) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "TRUNCATE {s}.person; UPDATE {s}.jobs SET rows_rejected = 0",
+        s = w.schema
+    )))
+    .execute(&mut *db)
+    .await
+    .expect("truncate");
+}
+
+/// COPY of the same rows from a file: the database's own ceiling for this table.
+async fn copy_from_file(w: &World, db: &mut PgConnection, n: u64) -> f64 {
+    // Encode the rows once through conveyor's decoder, as a loader with a ready file would.
+    let columns = conveyor::sink::catalog::read_columns(db, Some(&w.schema), "person")
+        .await
+        .expect("columns");
+    let mut cfg = Config::from_toml(
+        std::path::Path::new("bench.toml"),
+        &format!(
+            "[amqp]\nurl = \"{AMQP_URL}\"\n[database]\nurl = \"{PG_URL}\"\n[[pipeline]]\nname = \"b\"\nqueue = \"q\"\ntarget = \"person\"\nqueue_time_column = \"queue_time\"\n"
+        ),
+        |_| None,
+    )
+    .expect("config");
+    let p = cfg.pipelines.remove(0);
+    let decoder = conveyor::decode::Decoder::new(&columns, &p).expect("decoder");
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+    let mut file = Vec::new();
+    for i in 0..n {
+        let body = conveyor::feed::person_row(10_000_000 + i, &mut rng, None, None);
+        decoder
+            .decode(&body, Some(0), 0, &mut file)
+            .expect("clean row");
+    }
+    let path = std::env::temp_dir().join(format!("{}.copy", w.schema));
+    std::fs::write(&path, &file).expect("write copy file");
+    truncate(db, w).await;
+    let cols: Vec<&str> = decoder.copy_columns().collect();
+    let sql = format!("COPY {}.person ({}) FROM STDIN", w.schema, cols.join(", "));
+    let start = Instant::now();
+    let f = tokio::fs::File::open(&path).await.expect("open copy file");
+    let mut tx = db.begin().await.expect("begin");
+    let mut copy = tx.copy_in_raw(&sql).await.expect("copy");
+    copy.read_from(f).await.expect("stream file");
+    let rows = copy.finish().await.expect("finish");
+    tx.commit().await.expect("commit");
+    let secs = start.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(rows, n);
+    truncate(db, w).await;
+    n as f64 / secs
+}

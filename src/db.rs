@@ -79,8 +79,10 @@ pub async fn migrate(url: &SecretUrl, schema: &str, timeout: Duration) -> Result
     };
     migrator.create_schema(schema.to_string());
     migrator.dangerous_set_table_name(format!("{schema}._sqlx_migrations"));
+    // run_direct, not run: `run` takes `impl Acquire`, whose lifetime bound makes the daemon's
+    // future non-Send for tokio::spawn (sqlx's own workaround).
     let r = migrator
-        .run(&mut conn)
+        .run_direct(None, &mut conn, false)
         .await
         .map_err(|source| DbError::Migrate {
             schema: schema.to_string(),

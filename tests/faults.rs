@@ -1,0 +1,151 @@
+//! Faults against the real services, injected without touching them: a TCP proxy cuts the
+//! daemon's database or broker connections mid-load, a test transaction locks the target table,
+//! and a `kill -9` lands while batches wait on that lock. In every case nothing is acked that was
+//! not committed, and after recovery every row is loaded exactly once.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Env, Proxy, Settings, AMQP_ADDR, PG_ADDR};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_cut_mid_load_is_survived_without_loss_or_duplicates() {
+    let env = Env::new("dbcut").await;
+    let proxy = Proxy::start(PG_ADDR).await;
+    let report = env.feed(20_000, 0.0, 3_000_000, 21).await;
+    let settings = Settings {
+        database_url: proxy.pg_url(),
+        pack: 200,
+        ..Settings::default()
+    };
+    let mut daemon = env.spawn(&settings);
+    env.wait_for(
+        "the load to be under way",
+        Duration::from_secs(60),
+        || async { env.loaded().await.0 > 2_000 },
+    )
+    .await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = env.loaded().await.0;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        env.loaded().await.0,
+        during,
+        "nothing commits while the database is unreachable"
+    );
+    proxy.restore();
+    env.wait_loaded(20_000, Duration::from_secs(120)).await;
+    let (n, sum) = env.loaded().await;
+    assert_eq!(n, 20_000, "every row loaded once");
+    assert_eq!(sum as u128, report.good_id_sum);
+    assert!(
+        env.error_codes().await.is_empty(),
+        "a retried batch is never reloaded into the error table as duplicates"
+    );
+    assert!(
+        daemon.log_text().contains("database connection restored"),
+        "the recovery is logged"
+    );
+    daemon.sigterm();
+    assert_eq!(daemon.wait_exit(Duration::from_secs(30)).await, Some(0));
+    assert_eq!(env.queue_depth().await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_while_batches_wait_on_a_table_lock_acks_nothing_uncommitted() {
+    let env = Env::new("lock").await;
+    let report = env.feed(20_000, 0.0, 4_000_000, 22).await;
+    let settings = Settings {
+        pack: 200,
+        ..Settings::default()
+    };
+    let mut daemon = env.spawn(&settings);
+    env.wait_for(
+        "the load to be under way",
+        Duration::from_secs(60),
+        || async { env.loaded().await.0 > 2_000 },
+    )
+    .await;
+    // Hold an exclusive lock: every batch transaction now waits inside COPY.
+    let mut locker = support::pg().await;
+    let mut tx = sqlx::Connection::begin(&mut locker).await.expect("begin");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE {}.person IN ACCESS EXCLUSIVE MODE",
+        env.schema
+    )))
+    .execute(&mut *tx)
+    .await
+    .expect("lock");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The dangerous moment: batches are written but not committed. Kill without warning.
+    daemon.kill9();
+    tx.rollback().await.expect("release the lock");
+    let (loaded, _) = env.loaded().await;
+    assert!(loaded < 20_000, "the kill landed mid-load");
+    // Every delivery that is not committed must come back to the queue.
+    env.wait_for(
+        "unacked deliveries to return to the queue",
+        Duration::from_secs(30),
+        || async { env.loaded().await.0 + env.queue_depth().await as i64 == 20_000 },
+    )
+    .await;
+    let mut daemon = env.spawn(&settings);
+    env.wait_loaded(20_000, Duration::from_secs(120)).await;
+    let (n, sum) = env.loaded().await;
+    assert_eq!(n, 20_000);
+    assert_eq!(sum as u128, report.good_id_sum);
+    assert!(
+        env.error_codes().await.is_empty(),
+        "no row was loaded before and redelivered"
+    );
+    let failed = env
+        .scalar("SELECT count(*) FROM {schema}.jobs WHERE status = 3 AND error LIKE '%without closing%'")
+        .await;
+    assert_eq!(
+        failed, 1,
+        "the killed job is marked failed by the next start"
+    );
+    daemon.sigterm();
+    assert_eq!(daemon.wait_exit(Duration::from_secs(30)).await, Some(0));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_cut_mid_load_reconnects_and_loads_every_row() {
+    let env = Env::new("amqpcut").await;
+    let proxy = Proxy::start(AMQP_ADDR).await;
+    let report = env.feed(20_000, 0.0, 5_000_000, 23).await;
+    let settings = Settings {
+        amqp_url: proxy.amqp_url(),
+        pack: 200,
+        ..Settings::default()
+    };
+    let mut daemon = env.spawn(&settings);
+    env.wait_for(
+        "the load to be under way",
+        Duration::from_secs(60),
+        || async { env.loaded().await.0 > 2_000 },
+    )
+    .await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.restore();
+    env.wait_for("every row loaded", Duration::from_secs(120), || async {
+        env.loaded().await.0 == 20_000 && env.queue_depth().await == 0
+    })
+    .await;
+    let (n, sum) = env.loaded().await;
+    assert_eq!(n, 20_000, "every row loaded, none twice");
+    assert_eq!(sum as u128, report.good_id_sum);
+    let log = daemon.log_text();
+    assert!(
+        log.contains("RabbitMQ connection lost") && log.contains("consuming"),
+        "the loss and the reconnect are logged"
+    );
+    daemon.sigterm();
+    assert_eq!(daemon.wait_exit(Duration::from_secs(30)).await, Some(0));
+    env.cleanup().await;
+}
