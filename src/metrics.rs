@@ -9,7 +9,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::decode::RejectKind;
 use crate::pack::Batch;
 
 pub const MESSAGES_RECEIVED: &str = "conveyor_messages_received_total";
@@ -124,9 +123,4 @@ pub fn job_ended(pipeline: &str, status: i16, reason: &'static str) {
 pub fn active_worker(pipeline: &str, slot: &str, active: bool) {
     metrics::gauge!(ACTIVE_WORKER, "pipeline" => pipeline.to_string(), "slot" => slot.to_string())
         .set(if active { 1.0 } else { 0.0 });
-}
-
-/// Reject kinds are a closed set; keep the label values in one place for dashboards.
-pub fn reject_kinds() -> impl Iterator<Item = &'static str> {
-    RejectKind::ALL.iter().map(|k| k.as_str())
 }

@@ -65,8 +65,8 @@ pub fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "conveyor stopped");
-            eprintln!("error: {e:#}");
+            // `{e}` only: conveyor's error types already carry their cause in their message.
+            eprintln!("error: {e}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -78,8 +78,10 @@ pub fn init_logging(format: crate::config::LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         crate::config::LogFormat::Json => builder.json().try_init(),

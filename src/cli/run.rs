@@ -2,7 +2,6 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
@@ -10,7 +9,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     super::init_logging(config.log_format, &config.log_level);
     let shutdown = CancellationToken::new();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
+        .map_err(|e| anyhow::anyhow!("cannot install the SIGTERM handler: {e}"))?;
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
         tokio::select! {
