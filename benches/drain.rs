@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-const PREFETCH: u16 = 4000;
+const PREFETCH: u16 = 10_000;
 
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
@@ -204,7 +204,9 @@ async fn bare_consume(queue: &str, n: u64) -> f64 {
             .expect("delivery");
         got += 1;
         if got % 500 == 0 || got == n {
-            d.ack(BasicAckOptions { multiple: true }).await.expect("ack");
+            d.ack(BasicAckOptions { multiple: true })
+                .await
+                .expect("ack");
         }
     }
     let secs = start.elapsed().as_secs_f64();
@@ -328,7 +330,7 @@ async fn copy_from_file(w: &World, db: &mut PgConnection, n: u64) -> f64 {
     )
     .expect("config");
     let p = cfg.pipelines.remove(0);
-    let decoder = conveyor::decode::Decoder::new(&columns, &p).expect("decoder");
+    let mut decoder = conveyor::decode::Decoder::new(&columns, &p).expect("decoder");
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
     let mut file = Vec::new();
     for i in 0..n {

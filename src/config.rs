@@ -178,10 +178,12 @@ fn default_log_level() -> String {
 fn default_declare() -> QueueDeclare {
     QueueDeclare::Quorum
 }
-/// Two full batches per session in flight plus one filling: enough to keep every session busy
-/// while bounding memory (prefetch × body size).
+/// Ten default batches: every session busy, batches queued behind them, one filling, and the
+/// broker still streaming while a batch's ack is in flight. Measured on the drain bench: 4,000
+/// left the pipeline waiting for the broker (~44k rows/s), 10,000 kept it full (~53k). Memory is
+/// bounded by prefetch × body size (~10 MB for 1 KB rows).
 fn default_prefetch() -> u32 {
-    4_000
+    10_000
 }
 /// COPY amortises its round trip well by 1,000 rows; larger batches only add latency.
 fn default_pack() -> u32 {

@@ -40,6 +40,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let health = Arc::new(Health::default());
     health.expect(config.pipelines.len());
     let http_cancel = CancellationToken::new();
+    let upkeep = tokio::spawn(crate::metrics::upkeep(metrics.clone(), http_cancel.clone()));
     let http = match config.http_listen {
         Some(addr) => {
             let (bound, task) =
@@ -75,6 +76,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     if let Some(task) = http {
         let _ = task.await;
     }
+    let _ = upkeep.await;
     match failed.load(std::sync::atomic::Ordering::SeqCst) {
         0 => Ok(()),
         n => Err(DaemonError::Workers(n)),

@@ -187,6 +187,27 @@ pub struct Decoder {
     /// Index in `columns` that receives the queue time.
     queue_time_column: Option<usize>,
     max_body: usize,
+    /// Per-message working memory, reused so the hot path allocates nothing of its own.
+    scratch: Scratch,
+}
+
+/// Reused buffers: column slots, and the field order of the previous message. Publishers
+/// almost always emit keys in the same order, so a key is first compared with the key seen at
+/// the same position last time (one memcmp) before falling back to a hashed, lower-cased lookup.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// Per column: byte range of the field's raw JSON value in the body.
+    slots: Vec<Option<(usize, usize)>>,
+    shape: Vec<(Box<str>, Route)>,
+}
+
+/// Where a JSON field goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Column(usize),
+    /// Carries the payload queue time; may also feed a column.
+    QueueTime(Option<usize>),
+    Ignore,
 }
 
 /// What decode learned about a row besides its COPY line.
@@ -255,6 +276,7 @@ impl Decoder {
             queue_time_field,
             queue_time_column,
             max_body: p.max_body_bytes,
+            scratch: Scratch::default(),
         })
     }
 
@@ -268,14 +290,16 @@ impl Decoder {
     /// `header_queue_time_us` is the queue time from the AMQP header (or broker timestamp);
     /// `received_us` is the fallback when neither header nor payload carries one.
     pub fn decode(
-        &self,
+        &mut self,
         body: &[u8],
         header_queue_time_us: Option<i64>,
         received_us: i64,
         out: &mut Vec<u8>,
     ) -> Result<Decoded, Reject> {
         let start = out.len();
-        let r = self.decode_inner(body, header_queue_time_us, received_us, out);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let r = self.decode_inner(body, header_queue_time_us, received_us, out, &mut scratch);
+        self.scratch = scratch;
         if r.is_err() {
             out.truncate(start);
         }
@@ -288,6 +312,7 @@ impl Decoder {
         header_qt: Option<i64>,
         received_us: i64,
         out: &mut Vec<u8>,
+        scratch: &mut Scratch,
     ) -> Result<Decoded, Reject> {
         if body.len() > self.max_body {
             return Err(Reject::new(
@@ -307,13 +332,16 @@ impl Decoder {
                 format!("invalid UTF-8 at byte {}", e.valid_up_to()),
             )
         })?;
-        let mut slots: Vec<Option<&RawValue>> = vec![None; self.columns.len()];
-        let mut payload_qt: Option<&RawValue> = None;
+        scratch.slots.clear();
+        scratch.slots.resize(self.columns.len(), None);
+        let mut payload_qt: Option<(usize, usize)> = None;
         let mut problem: Option<Reject> = None;
         let mut de = serde_json::Deserializer::from_str(text);
         let seed = FieldsSeed {
             decoder: self,
-            slots: &mut slots,
+            base: text.as_ptr() as usize,
+            slots: &mut scratch.slots,
+            shape: &mut scratch.shape,
             payload_qt: &mut payload_qt,
             problem: &mut problem,
         };
@@ -336,13 +364,13 @@ impl Decoder {
         }
         let queue_time_us = match (header_qt, payload_qt) {
             (Some(t), _) => t,
-            (None, Some(raw)) => parse_queue_time_json(raw).ok_or_else(|| {
+            (None, Some((a, b))) => parse_queue_time_json(&text[a..b]).ok_or_else(|| {
                 Reject::new(
                     RejectKind::InvalidQueueTime,
                     self.queue_time_field.as_deref(),
                     format!(
                         "queue time {} is neither microseconds since the epoch nor RFC 3339",
-                        raw.get()
+                        &text[a..b]
                     ),
                 )
             })?,
@@ -356,7 +384,7 @@ impl Decoder {
                 write_timestamp_us(out, queue_time_us);
                 continue;
             }
-            match slots[i] {
+            match scratch.slots[i] {
                 None => {
                     if col.not_null {
                         return Err(Reject::new(
@@ -367,11 +395,28 @@ impl Decoder {
                     }
                     out.extend_from_slice(b"\\N");
                 }
-                Some(raw) => encode_value(col, raw, out)?,
+                Some((a, b)) => encode_value(col, &text[a..b], out)?,
             }
         }
         out.push(b'\n');
         Ok(Decoded { queue_time_us })
+    }
+
+    /// Routes a field by name (uncached path).
+    fn route(&self, key: &str) -> Result<Route, Reject> {
+        if self
+            .queue_time_field
+            .as_deref()
+            .is_some_and(|f| f.eq_ignore_ascii_case(key))
+        {
+            return Ok(Route::QueueTime(
+                self.fields.get(key.to_lowercase().as_str()).copied(),
+            ));
+        }
+        Ok(match self.field_index(key)? {
+            Some(i) => Route::Column(i),
+            None => Route::Ignore,
+        })
     }
 
     fn field_index(&self, key: &str) -> Result<Option<usize>, Reject> {
@@ -398,62 +443,72 @@ impl Decoder {
     }
 }
 
-/// Deserializes the top-level object, recording each field's raw value in its column's slot.
-struct FieldsSeed<'d, 's, 'a> {
+/// Deserializes the top-level object, recording each field's raw value range in its column's slot.
+struct FieldsSeed<'d, 's> {
     decoder: &'d Decoder,
-    slots: &'s mut Vec<Option<&'a RawValue>>,
-    payload_qt: &'s mut Option<&'a RawValue>,
+    /// Address of the body text: raw values are recorded as offsets from it.
+    base: usize,
+    slots: &'s mut [Option<(usize, usize)>],
+    shape: &'s mut Vec<(Box<str>, Route)>,
+    payload_qt: &'s mut Option<(usize, usize)>,
     problem: &'s mut Option<Reject>,
 }
 
-impl<'de, 'd, 's> DeserializeSeed<'de> for FieldsSeed<'d, 's, 'de> {
+impl<'de> DeserializeSeed<'de> for FieldsSeed<'_, '_> {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_map(self)
     }
 }
 
-impl<'de, 'd, 's> Visitor<'de> for FieldsSeed<'d, 's, 'de> {
+impl<'de> Visitor<'de> for FieldsSeed<'_, '_> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object with one field per column")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         use serde::de::Error;
+        let mut pos = 0;
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             let value: &'de RawValue = map.next_value()?;
-            let lower_is_qt = self
-                .decoder
-                .queue_time_field
-                .as_deref()
-                .is_some_and(|f| f.eq_ignore_ascii_case(&key));
-            if lower_is_qt {
-                *self.payload_qt = Some(value);
-                if !self
-                    .decoder
-                    .fields
-                    .contains_key(key.to_lowercase().as_str())
-                {
-                    continue;
-                }
-            }
-            match self.decoder.field_index(&key) {
-                Ok(Some(i)) => {
-                    if self.slots[i].is_some() {
-                        *self.problem = Some(Reject::new(
-                            RejectKind::DuplicateField,
-                            Some(&self.decoder.columns[i].name),
-                            format!("column {:?} is given twice", self.decoder.columns[i].name),
-                        ));
-                        return Err(A::Error::custom("duplicate field"));
+            let start = value.get().as_ptr() as usize - self.base;
+            let range = (start, start + value.get().len());
+            let route = match self.shape.get(pos) {
+                Some((k, r)) if **k == *key => *r,
+                _ => match self.decoder.route(&key) {
+                    Ok(r) => {
+                        let entry = (Box::from(&*key), r);
+                        match self.shape.get_mut(pos) {
+                            Some(slot) => *slot = entry,
+                            None => self.shape.push(entry),
+                        }
+                        r
                     }
-                    self.slots[i] = Some(value);
+                    Err(r) => {
+                        *self.problem = Some(r);
+                        return Err(A::Error::custom("rejected field"));
+                    }
+                },
+            };
+            pos += 1;
+            let column = match route {
+                Route::Column(i) => Some(i),
+                Route::QueueTime(c) => {
+                    *self.payload_qt = Some(range);
+                    c
                 }
-                Ok(None) => {}
-                Err(r) => {
-                    *self.problem = Some(r);
-                    return Err(A::Error::custom("rejected field"));
+                Route::Ignore => None,
+            };
+            if let Some(i) = column {
+                if self.slots[i].is_some() {
+                    *self.problem = Some(Reject::new(
+                        RejectKind::DuplicateField,
+                        Some(&self.decoder.columns[i].name),
+                        format!("column {:?} is given twice", self.decoder.columns[i].name),
+                    ));
+                    return Err(A::Error::custom("duplicate field"));
                 }
+                self.slots[i] = Some(range);
             }
         }
         Ok(())
@@ -469,8 +524,7 @@ enum Json<'a> {
     Nested(&'a str),
 }
 
-fn classify(raw: &RawValue) -> Json<'_> {
-    let s = raw.get();
+fn classify(s: &str) -> Json<'_> {
     match s.as_bytes().first() {
         Some(b'n') => Json::Null,
         Some(b't') => Json::Bool(true),
@@ -495,7 +549,7 @@ fn reject(kind: RejectKind, col: &Column, msg: String) -> Reject {
     Reject::new(kind, Some(&col.name), msg)
 }
 
-fn encode_value(col: &Column, raw: &RawValue, out: &mut Vec<u8>) -> Result<(), Reject> {
+fn encode_value(col: &Column, raw: &str, out: &mut Vec<u8>) -> Result<(), Reject> {
     let v = classify(raw);
     if let Json::Null = v {
         if col.not_null {
@@ -598,10 +652,11 @@ fn encode_value(col: &Column, raw: &RawValue, out: &mut Vec<u8>) -> Result<(), R
                 Json::Bool(false) => "false",
                 _ => return Err(wrong("an object or array")),
             };
-            if let Some(max) = max_chars {
-                // PostgreSQL silently trims excess trailing spaces, so only the rest counts.
+            if let Some(max) = max_chars.filter(|m| s.len() > *m) {
+                // Only a text with more bytes than the limit can have more characters. PostgreSQL
+                // silently trims excess trailing spaces, so only the rest counts.
                 let n = s.trim_end_matches(' ').chars().count();
-                if n > *max {
+                if n > max {
                     return Err(reject(
                         RejectKind::TooLong,
                         col,
@@ -647,7 +702,7 @@ fn encode_value(col: &Column, raw: &RawValue, out: &mut Vec<u8>) -> Result<(), R
             out.extend_from_slice(s.as_bytes());
         }
         ColumnKind::Json => {
-            let text = raw.get();
+            let text = raw;
             if text.contains("\\u0000") {
                 return Err(nul(col));
             }
@@ -806,7 +861,7 @@ pub fn parse_queue_time_text(s: &str) -> Option<i64> {
     s.parse::<i64>().ok().or_else(|| parse_timestamp(s))
 }
 
-fn parse_queue_time_json(raw: &RawValue) -> Option<i64> {
+fn parse_queue_time_json(raw: &str) -> Option<i64> {
     match classify(raw) {
         Json::Number(n) => n.parse::<i64>().ok(),
         Json::Str(s) => parse_queue_time_text(&s),
@@ -814,14 +869,42 @@ fn parse_queue_time_json(raw: &RawValue) -> Option<i64> {
     }
 }
 
-/// Writes micros since the epoch as `YYYY-MM-DD HH:MM:SS.ffffff+00`.
+/// Writes micros since the epoch as `YYYY-MM-DD HH:MM:SS.ffffff+00` (by hand: this runs for
+/// every row, and strftime re-parses its format each time).
 pub fn write_timestamp_us(out: &mut Vec<u8>, us: i64) {
-    use std::io::Write;
-    match chrono::DateTime::from_timestamp_micros(us) {
-        Some(t) => {
-            let _ = write!(out, "{}", t.format("%Y-%m-%d %H:%M:%S%.6f+00"));
-        }
-        None => out.extend_from_slice(b"\\N"),
+    use chrono::{Datelike, Timelike};
+    let Some(t) = chrono::DateTime::from_timestamp_micros(us) else {
+        out.extend_from_slice(b"\\N");
+        return;
+    };
+    let year = t.year();
+    if !(0..=9999).contains(&year) {
+        use std::io::Write;
+        let _ = write!(out, "{}", t.format("%Y-%m-%d %H:%M:%S%.6f+00"));
+        return;
+    }
+    push_digits(out, year as u32, 4);
+    out.push(b'-');
+    push_digits(out, t.month(), 2);
+    out.push(b'-');
+    push_digits(out, t.day(), 2);
+    out.push(b' ');
+    push_digits(out, t.hour(), 2);
+    out.push(b':');
+    push_digits(out, t.minute(), 2);
+    out.push(b':');
+    push_digits(out, t.second(), 2);
+    out.push(b'.');
+    push_digits(out, (us.rem_euclid(1_000_000)) as u32, 6);
+    out.extend_from_slice(b"+00");
+}
+
+fn push_digits(out: &mut Vec<u8>, mut n: u32, width: usize) {
+    let start = out.len();
+    out.resize(start + width, b'0');
+    for i in (0..width).rev() {
+        out[start + i] = b'0' + (n % 10) as u8;
+        n /= 10;
     }
 }
 
@@ -941,7 +1024,7 @@ mod tests {
 
     #[test]
     fn queue_time_from_payload_when_no_header() {
-        let d = decoder();
+        let mut d = decoder();
         let mut out = Vec::new();
         let r = d
             .decode(
@@ -993,7 +1076,48 @@ mod tests {
         assert_eq!(codes.len(), RejectKind::ALL.len());
     }
 
+    #[test]
+    fn field_order_changes_between_messages_are_handled() {
+        let mut d = decoder();
+        let mut out = Vec::new();
+        d.decode(br#"{"id":"a","age":1}"#, Some(0), 0, &mut out)
+            .expect("ok");
+        d.decode(br#"{"age":2,"id":"b"}"#, Some(0), 0, &mut out)
+            .expect("ok");
+        d.decode(
+            br#"{"ID":"c","Last Name":"z","age":3}"#,
+            Some(0),
+            0,
+            &mut out,
+        )
+        .expect("ok");
+        let e = d
+            .decode(br#"{"id":"d","zzz":1}"#, Some(0), 0, &mut out)
+            .unwrap_err();
+        assert_eq!(e.kind, RejectKind::ExtraField);
+        d.decode(br#"{"id":"e","age":5}"#, Some(0), 0, &mut out)
+            .expect("ok");
+        let text = String::from_utf8(out).expect("utf8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4);
+        assert!(lines[1].starts_with("b\t2\t"), "{}", lines[1]);
+        assert!(lines[2].starts_with("c\t3\t\\N\t\\N\tz\t"), "{}", lines[2]);
+        assert!(lines[3].starts_with("e\t5\t"), "{}", lines[3]);
+    }
+
     proptest::proptest! {
+        /// The hand-written timestamp matches chrono's formatting for every instant in 0000–9999.
+        #[test]
+        fn timestamp_formatting_matches_chrono(us in -62_167_219_200_000_000i64..253_402_300_799_999_999i64) {
+            let mut out = Vec::new();
+            write_timestamp_us(&mut out, us);
+            let want = chrono::DateTime::from_timestamp_micros(us)
+                .expect("in range")
+                .format("%Y-%m-%d %H:%M:%S%.6f+00")
+                .to_string();
+            proptest::prop_assert_eq!(String::from_utf8(out).expect("utf8"), want);
+        }
+
         /// Any text survives COPY escaping: unescaping gives it back, and no raw separator leaks.
         #[test]
         fn copy_escaping_round_trips(s in "[^\u{0}]{0,40}") {

@@ -124,3 +124,18 @@ pub fn active_worker(pipeline: &str, slot: &str, active: bool) {
     metrics::gauge!(ACTIVE_WORKER, "pipeline" => pipeline.to_string(), "slot" => slot.to_string())
         .set(if active { 1.0 } else { 0.0 });
 }
+
+/// How often histogram samples are folded into their buckets. The exporter keeps raw samples
+/// until then, so without upkeep an unscraped daemon's memory would grow with every row.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs the exporter's upkeep until `stop`.
+pub async fn upkeep(handle: PrometheusHandle, stop: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => handle.run_upkeep(),
+            _ = stop.cancelled() => return,
+        }
+    }
+}

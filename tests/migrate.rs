@@ -28,7 +28,9 @@ async fn migrate_twice_is_idempotent_and_creates_the_tables() {
         .scalar("SELECT count(*) FROM information_schema.tables WHERE table_schema = '{schema}' AND table_name IN ('jobs', 'robust_log', '_sqlx_migrations')")
         .await;
     assert_eq!(tables, 3);
-    let applied = env.scalar("SELECT count(*) FROM {schema}._sqlx_migrations").await;
+    let applied = env
+        .scalar("SELECT count(*) FROM {schema}._sqlx_migrations")
+        .await;
     assert_eq!(applied, 1, "each migration recorded once");
     env.cleanup().await;
 }
