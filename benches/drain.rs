@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-const PREFETCH: u16 = 10_000;
+/// The daemon's default prefetch, given to the bare consumer too.
+const PREFETCH: u16 = 20_000;
 
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
@@ -116,7 +117,7 @@ async fn measure(w: &World, db: &mut PgConnection, n: u64, bench: bool) {
 
     let line = |name: &str, rate: f64| println!("{name:<38} {rate:>10.0} rows/s");
     println!(
-        "\ndrain benchmark: {n} seed-like rows (~{} bytes each), prefetch {PREFETCH}, one run\n",
+        "\ndrain benchmark: {n} seed-like rows (~{} bytes each), default pipeline settings, one run\n",
         fed_bytes(n)
     );
     line("bare lapin consumer (ack only, multiple)", bare);
@@ -230,10 +231,6 @@ level = "warn"
 name = "bench"
 queue = "{q}"
 target = "{s}.person"
-prefetch = {PREFETCH}
-pack = 1000
-latency_ms = 100
-sessions = 2
 queue_time_column = "queue_time"
 "#,
         s = w.schema,
