@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROWS=${ROWS:-100000}
+RATE=${RATE:-10000}   # rows/s offered; 0 = as fast as the broker confirms
 DB_URL=${CONVEYOR_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
 AMQP_URL=${CONVEYOR_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 WORK=target/quickstart
@@ -64,8 +65,8 @@ PID=$!
 trap 'kill -TERM $PID 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do grep -q consuming "$WORK/daemon.log" && break; sleep 0.1; done
 
-say "feeding $ROWS rows with 1 % bad rows"
-"$BIN" --config "$WORK/conveyor.toml" feed --count "$ROWS" --errors 1 --seed "$RANDOM"
+say "feeding $ROWS rows at $RATE rows/s with 1 % bad rows"
+"$BIN" --config "$WORK/conveyor.toml" feed --count "$ROWS" --rate "$RATE" --errors 1 --seed "$RANDOM"
 
 say "waiting until every row is committed"
 q() { psql -tAq "$DB_URL" -c "$1"; }

@@ -57,6 +57,17 @@ pub enum UnknownFields {
     Ignore,
 }
 
+/// How the two workers of a pipeline share the queue (DESIGN §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Handoff {
+    /// The queue's single-active-consumer: both workers register, the broker delivers to one
+    /// and activates the other the moment it cancels.
+    SingleActive,
+    /// An exclusive consumer; the standby retries every `retry_ms` until the active one cancels.
+    Exclusive,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -74,7 +85,29 @@ pub struct RawConfig {
     #[serde(default)]
     pub log: RawLog,
     #[serde(default)]
+    pub report: RawReport,
+    #[serde(default)]
     pub pipeline: Vec<RawPipeline>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReport {
+    /// Directory for job reports `<job>.output`; created if missing.
+    #[serde(default = "default_report_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for RawReport {
+    fn default() -> Self {
+        Self {
+            dir: default_report_dir(),
+        }
+    }
+}
+
+fn default_report_dir() -> PathBuf {
+    PathBuf::from("reports")
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,6 +190,50 @@ pub struct RawPipeline {
     pub queue_time_column: Option<String>,
     #[serde(default)]
     pub rename: BTreeMap<String, String>,
+    #[serde(default = "default_handoff")]
+    pub handoff: Handoff,
+    #[serde(default = "default_retry_ms")]
+    pub retry_ms: u64,
+    /// End each job after this long (e.g. "1h", "5m"); "0s" never.
+    #[serde(default = "default_rotate_every")]
+    pub rotate_every: String,
+    /// End a job that has loaded rows after this long without a message; "0s" never.
+    #[serde(default = "default_idle_eoj")]
+    pub idle_eoj: String,
+    /// End a job after this many messages; 0 = no limit.
+    #[serde(default)]
+    pub max_rows: u64,
+    /// End the job with priority when the queue holds more ready messages than this; 0 = off.
+    #[serde(default)]
+    pub depth_threshold: u64,
+    /// How often the rotator reads the queue depth.
+    #[serde(default = "default_depth_poll")]
+    pub depth_poll: String,
+    /// `pack` for the job that follows a priority EOJ (default: unchanged).
+    #[serde(default)]
+    pub priority_pack: Option<u32>,
+    /// `sessions` for the job that follows a priority EOJ (default: unchanged).
+    #[serde(default)]
+    pub priority_sessions: Option<u32>,
+}
+
+fn default_handoff() -> Handoff {
+    Handoff::SingleActive
+}
+/// The seed's standby retry interval.
+fn default_retry_ms() -> u64 {
+    1_000
+}
+/// The seed's production schedule: one job per hour.
+fn default_rotate_every() -> String {
+    "1h".into()
+}
+/// The seed's idle timeout: a quiet queue still gets its job closed and post-processed.
+fn default_idle_eoj() -> String {
+    "5m".into()
+}
+fn default_depth_poll() -> String {
+    "1s".into()
 }
 
 fn default_schema() -> String {
@@ -253,6 +330,7 @@ pub struct Config {
     pub schema: String,
     pub connect_timeout: Duration,
     pub http_listen: Option<SocketAddr>,
+    pub report_dir: PathBuf,
     pub log_format: LogFormat,
     pub log_level: String,
     pub pipelines: Vec<PipelineConfig>,
@@ -280,6 +358,16 @@ pub struct PipelineConfig {
     pub queue_time_column: Option<String>,
     /// JSON field name (lower-cased) → column name.
     pub rename: BTreeMap<String, String>,
+    pub handoff: Handoff,
+    pub retry: Duration,
+    /// `None`: never rotate on a schedule.
+    pub rotate_every: Option<Duration>,
+    pub idle_eoj: Option<Duration>,
+    pub max_rows: Option<u64>,
+    pub depth_threshold: Option<u64>,
+    pub depth_poll: Duration,
+    pub priority_pack: Option<usize>,
+    pub priority_sessions: Option<usize>,
 }
 
 impl Config {
@@ -472,6 +560,39 @@ impl RawConfig {
                     ));
                 }
             }
+            let mut duration = |key: &str, text: &str, zero_is_none: bool| -> Option<Duration> {
+                match humantime::parse_duration(text) {
+                    Ok(d) if d.is_zero() && zero_is_none => None,
+                    Ok(d) if d.is_zero() => {
+                        problems.push(format!("{at}.{key} = {text:?} must be longer than 0"));
+                        None
+                    }
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        problems.push(format!(
+                            "{at}.{key} = {text:?} is not a duration ({e}; e.g. \"1h\", \"5m\", \"2s\", \"500ms\"{})",
+                            if zero_is_none { "; \"0s\" disables it" } else { "" }
+                        ));
+                        None
+                    }
+                }
+            };
+            let rotate_every = duration("rotate_every", &p.rotate_every, true);
+            let idle_eoj = duration("idle_eoj", &p.idle_eoj, true);
+            let depth_poll =
+                duration("depth_poll", &p.depth_poll, false).unwrap_or(Duration::from_secs(1));
+            if p.retry_ms == 0 || p.retry_ms > 60_000 {
+                problems.push(format!(
+                    "{at}.retry_ms = {} must be between 1 and 60000",
+                    p.retry_ms
+                ));
+            }
+            if p.priority_pack.is_some_and(|v| v == 0 || v > 100_000) {
+                problems.push(format!("{at}.priority_pack must be between 1 and 100000"));
+            }
+            if p.priority_sessions.is_some_and(|v| v == 0 || v > 64) {
+                problems.push(format!("{at}.priority_sessions must be between 1 and 64"));
+            }
             pipelines.push(PipelineConfig {
                 name: p.name,
                 queue: p.queue,
@@ -492,6 +613,15 @@ impl RawConfig {
                     .into_iter()
                     .map(|(k, v)| (k.to_lowercase(), v.to_lowercase()))
                     .collect(),
+                handoff: p.handoff,
+                retry: Duration::from_millis(p.retry_ms),
+                rotate_every,
+                idle_eoj,
+                max_rows: (p.max_rows > 0).then_some(p.max_rows),
+                depth_threshold: (p.depth_threshold > 0).then_some(p.depth_threshold),
+                depth_poll,
+                priority_pack: p.priority_pack.map(|v| v as usize),
+                priority_sessions: p.priority_sessions.map(|v| v as usize),
             });
         }
         if !problems.is_empty() {
@@ -507,6 +637,7 @@ impl RawConfig {
             schema: self.database.schema,
             connect_timeout: Duration::from_millis(self.database.connect_timeout_ms),
             http_listen,
+            report_dir: self.report.dir,
             log_format: self.log.format,
             log_level: self.log.level,
             pipelines,

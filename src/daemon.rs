@@ -29,8 +29,8 @@ pub enum DaemonError {
     Workers(usize),
 }
 
-/// Slot of the (single) worker each pipeline runs.
-pub const SLOT: &str = "01";
+/// The two workers of every pipeline (DESIGN §1).
+pub const SLOTS: [&str; 2] = ["01", "02"];
 
 /// Runs every pipeline until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
@@ -38,7 +38,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let metrics = crate::metrics::install();
     crate::db::migrate(&config.database_url, &config.schema, config.connect_timeout).await?;
     let health = Arc::new(Health::default());
-    health.expect(config.pipelines.len());
+    health.expect(config.pipelines.len() * SLOTS.len());
     let http_cancel = CancellationToken::new();
     let upkeep = tokio::spawn(crate::metrics::upkeep(metrics.clone(), http_cancel.clone()));
     let http = match config.http_listen {
@@ -55,19 +55,31 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let tracker = TaskTracker::new();
     let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for p in config.pipelines.iter().cloned() {
-        let (config, health, cancel, failed) = (
+        let state = Arc::new(crate::rotator::PipelineState::default());
+        let pipeline_cancel = shutdown.child_token();
+        for slot in SLOTS {
+            let ctx = worker::SlotContext {
+                config: config.clone(),
+                slot,
+                state: state.clone(),
+                health: health.clone(),
+                cancel: pipeline_cancel.child_token(),
+            };
+            let (p, failed) = (p.clone(), failed.clone());
+            tracker.spawn(async move {
+                let name = p.name.clone();
+                if let Err(e) = worker::run_slot(ctx, p).await {
+                    error!(pipeline = %name, slot, error = %e, "worker failed");
+                    failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+        }
+        tracker.spawn(crate::rotator::run(
             config.clone(),
-            health.clone(),
-            shutdown.child_token(),
-            failed.clone(),
-        );
-        tracker.spawn(async move {
-            let name = p.name.clone();
-            if let Err(e) = worker::run(config, p, SLOT, health, cancel).await {
-                error!(pipeline = %name, error = %e, "worker failed");
-                failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
-        });
+            p,
+            state,
+            pipeline_cancel.child_token(),
+        ));
     }
     tracker.close();
     info!(pipelines = config.pipelines.len(), amqp = %config.amqp_url, database = %config.database_url, "conveyor running");

@@ -941,6 +941,15 @@ mod tests {
             queue_time_field: None,
             queue_time_column: Some("queue_time".into()),
             rename: BTreeMap::from([("last name".to_string(), "lname".to_string())]),
+            handoff: crate::config::Handoff::SingleActive,
+            retry: Duration::from_secs(1),
+            rotate_every: None,
+            idle_eoj: None,
+            max_rows: None,
+            depth_threshold: None,
+            depth_poll: Duration::from_secs(1),
+            priority_pack: None,
+            priority_sessions: None,
         }
     }
 

@@ -19,6 +19,20 @@ pub enum EndReason {
 }
 
 impl EndReason {
+    pub fn parse(s: &str) -> Option<EndReason> {
+        [
+            EndReason::Schedule,
+            EndReason::Idle,
+            EndReason::Rows,
+            EndReason::Priority,
+            EndReason::Manual,
+            EndReason::Shutdown,
+            EndReason::Error,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             EndReason::Schedule => "schedule",
@@ -49,6 +63,18 @@ pub struct Counts {
     pub inserted: u64,
     pub rejected: u64,
     pub batches: u64,
+    /// Deliveries that were not rows: end-of-job markers for other (already ended) jobs.
+    pub skipped: u64,
+}
+
+/// How a job ended, as recorded in its row.
+#[derive(Debug, Clone, Copy)]
+pub struct JobEnd<'a> {
+    pub status: i16,
+    pub reason: EndReason,
+    pub error: Option<&'a str>,
+    /// Wall-clock time of the job's last delivery, µs since the epoch.
+    pub last_delivery_us: Option<i64>,
 }
 
 /// Handle on the `jobs` table in `schema`.
@@ -98,8 +124,9 @@ impl Jobs {
         }
     }
 
-    /// Marks jobs of this pipeline and slot on this host that are still "running" as failed:
-    /// their process died without closing them (kill -9, power loss). Returns how many.
+    /// Marks jobs of this pipeline and slot on this host that are still "running" but whose
+    /// process is gone as failed: it died without closing them (kill -9, power loss). Jobs of
+    /// live processes (another `conveyor run` on this host) are left alone. Returns how many.
     pub async fn close_stale(
         &self,
         conn: &mut PgConnection,
@@ -109,18 +136,54 @@ impl Jobs {
         let host = hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "unknown".into());
-        let r = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE {} SET status = {STATUS_FAILURE}, end_reason = 'error', ended_at = clock_timestamp(),
-                    phase = 'ended', error = 'the process ended without closing the job (crash or kill)'
-             WHERE pipeline = $1 AND slot = $2 AND host = $3 AND status = {STATUS_RUNNING}",
+        let running: Vec<(String, i32)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT job_name, pid FROM {} WHERE pipeline = $1 AND slot = $2 AND host = $3 AND status = {STATUS_RUNNING}",
             self.table
         )))
         .bind(pipeline)
         .bind(slot)
         .bind(&host)
+        .fetch_all(&mut *conn)
+        .await?;
+        let me = std::process::id() as i32;
+        let dead: Vec<String> = running
+            .into_iter()
+            .filter(|(_, pid)| {
+                *pid != me && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            })
+            .map(|(job, _)| job)
+            .collect();
+        if dead.is_empty() {
+            return Ok(0);
+        }
+        let r = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {} SET status = {STATUS_FAILURE}, end_reason = 'error', ended_at = clock_timestamp(),
+                    phase = 'ended', error = 'the process ended without closing the job (crash or kill)'
+             WHERE job_name = ANY($1) AND status = {STATUS_RUNNING}",
+            self.table
+        )))
+        .bind(&dead)
         .execute(conn)
         .await?;
         Ok(r.rows_affected())
+    }
+
+    /// Records that the job now owns the queue (its first delivery).
+    pub async fn activated(
+        &self,
+        conn: &mut PgConnection,
+        job: &str,
+        handoff_gap_ms: Option<f64>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {} SET phase = 'active', activated_at = clock_timestamp(), handoff_gap_ms = $2 WHERE job_name = $1",
+            self.table
+        )))
+        .bind(job)
+        .bind(handoff_gap_ms)
+        .execute(conn)
+        .await?;
+        Ok(())
     }
 
     pub async fn update(
@@ -149,13 +212,12 @@ impl Jobs {
         conn: &mut PgConnection,
         job: &str,
         c: &Counts,
-        status: i16,
-        reason: EndReason,
-        error: Option<&str>,
+        end: &JobEnd<'_>,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE {} SET rows_read = $2, rows_inserted = $3, rows_rejected = $4, batches = $5,
-                    status = $6, end_reason = $7, error = $8, ended_at = clock_timestamp(), phase = 'ended'
+                    status = $6, end_reason = $7, error = $8, ended_at = clock_timestamp(), phase = 'ended',
+                    rows_skipped = $9, last_delivery_at = to_timestamp($10::float8 / 1e6)
              WHERE job_name = $1",
             self.table
         )))
@@ -164,9 +226,11 @@ impl Jobs {
         .bind(c.inserted as i64)
         .bind(c.rejected as i64)
         .bind(c.batches as i64)
-        .bind(status)
-        .bind(reason.as_str())
-        .bind(error)
+        .bind(end.status)
+        .bind(end.reason.as_str())
+        .bind(end.error)
+        .bind(c.skipped as i64)
+        .bind(end.last_delivery_us)
         .execute(conn)
         .await?;
         Ok(())

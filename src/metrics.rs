@@ -21,6 +21,8 @@ pub const ROW_LATENCY_SECONDS: &str = "conveyor_row_latency_seconds";
 pub const RECONNECTS: &str = "conveyor_reconnects_total";
 pub const JOBS: &str = "conveyor_jobs_total";
 pub const ACTIVE_WORKER: &str = "conveyor_active_worker";
+pub const HANDOFF_GAP_SECONDS: &str = "conveyor_handoff_gap_seconds";
+pub const QUEUE_DEPTH: &str = "conveyor_queue_depth";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
@@ -45,6 +47,12 @@ pub fn install() -> PrometheusHandle {
                 })
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(BATCH_ROWS.into()), BATCH_ROW_BUCKETS)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(HANDOFF_GAP_SECONDS.into()),
+                        LATENCY_BUCKETS,
+                    )
                 })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
@@ -80,6 +88,15 @@ fn describe() {
     );
     describe_counter!(JOBS, "jobs ended, by status and end reason");
     describe_gauge!(ACTIVE_WORKER, "1 while this slot owns the queue");
+    describe_histogram!(
+        HANDOFF_GAP_SECONDS,
+        Unit::Seconds,
+        "first delivery of a job minus last delivery of the job before it"
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "ready messages in the pipeline's queue, as last read by the rotator"
+    );
 }
 
 pub fn messages_received(pipeline: &str, n: u64) {
@@ -108,6 +125,14 @@ pub fn row_latencies(pipeline: &str, batch: &Batch, excluded: &[bool]) {
     for (row, _) in batch.good.iter().zip(excluded).filter(|(_, e)| !**e) {
         h.record(((now_us - row.queue_time_us).max(0)) as f64 / 1e6);
     }
+}
+
+pub fn handoff_gap(pipeline: &str, seconds: f64) {
+    metrics::histogram!(HANDOFF_GAP_SECONDS, "pipeline" => pipeline.to_string()).record(seconds);
+}
+
+pub fn queue_depth(pipeline: &str, depth: u32) {
+    metrics::gauge!(QUEUE_DEPTH, "pipeline" => pipeline.to_string()).set(f64::from(depth));
 }
 
 pub fn reconnect(pipeline: &str, service: &'static str) {

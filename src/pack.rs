@@ -41,6 +41,8 @@ pub struct Batch {
     pub copy: Vec<u8>,
     pub good: Vec<GoodRow>,
     pub bad: Vec<BadRow>,
+    /// Deliveries that are not rows (end-of-job markers): acked with the batch, loaded nowhere.
+    pub skipped: usize,
     /// Highest AMQP delivery tag in the batch (tags are consecutive per channel).
     pub last_tag: u64,
     /// First and last job sequence numbers covered.
@@ -52,6 +54,11 @@ pub struct Batch {
 impl Batch {
     pub fn rows(&self) -> usize {
         self.good.len() + self.bad.len()
+    }
+
+    /// True when the batch covers no delivery at all.
+    pub fn is_empty(&self) -> bool {
+        self.rows() == 0 && self.skipped == 0
     }
 }
 
@@ -84,6 +91,7 @@ impl Packer {
                 copy: Vec::with_capacity(pack * 512),
                 good: Vec::with_capacity(pack),
                 bad: Vec::new(),
+                skipped: 0,
                 last_tag: 0,
                 first_seq: seq,
                 last_seq: seq,
@@ -110,7 +118,12 @@ impl Packer {
 
     /// Takes the open batch whatever its size (latency expiry, EOJ, shutdown).
     pub fn seal(&mut self) -> Option<Batch> {
-        self.open.take().filter(|b| b.rows() > 0)
+        self.open.take().filter(|b| !b.is_empty())
+    }
+
+    /// Changes the batch size for batches opened from now on (a priority job's raised pack).
+    pub fn set_pack(&mut self, pack: usize) {
+        self.pack = pack;
     }
 
     /// Number of rows in the open batch.

@@ -131,6 +131,15 @@ pub struct Committed {
 /// Shared receiving end of the batch queue: whichever session is free takes the next batch.
 pub type BatchQueue = Arc<Mutex<mpsc::Receiver<Batch>>>;
 
+/// The channels a session works between: batches in, outcomes out, and the permits that cap
+/// how many sessions write at once.
+#[derive(Debug, Clone)]
+pub struct SessionPipes {
+    pub batches: BatchQueue,
+    pub permits: Arc<tokio::sync::Semaphore>,
+    pub outcomes: mpsc::Sender<Outcome>,
+}
+
 /// Everything a session needs to (re)connect.
 #[derive(Debug, Clone)]
 pub struct SessionParams {
@@ -146,11 +155,20 @@ pub async fn run_session(
     mut conn: Option<PgConnection>,
     params: SessionParams,
     target: Arc<Target>,
-    queue: BatchQueue,
-    outcomes: mpsc::Sender<Outcome>,
+    pipes: SessionPipes,
     cancel: CancellationToken,
 ) {
+    let SessionPipes {
+        batches: queue,
+        permits,
+        outcomes,
+    } = pipes;
     loop {
+        // A permit per batch being written: `sessions` of them normally, more after a priority
+        // EOJ raised the job's sessions; sessions beyond that idle on their open connection.
+        let Ok(_permit) = permits.acquire().await else {
+            break;
+        };
         let batch = { queue.lock().await.recv().await };
         let Some(mut batch) = batch else { break };
         let mut attempt: u32 = 0;

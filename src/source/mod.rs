@@ -22,6 +22,8 @@ pub enum SourceError {
     QueueMissing { queue: String },
     #[error("cannot declare queue {queue:?}: {source} (it may already exist with other arguments — e.g. a classic queue while queue_declare = \"quorum\"; delete it or set queue_declare to match)")]
     Declare { queue: String, source: lapin::Error },
+    #[error("the broker refused a message published to {exchange:?} (nack); check the broker's log for resource alarms")]
+    Nacked { exchange: String },
     #[error("AMQP {what} failed: {source}")]
     Channel {
         what: &'static str,
@@ -137,6 +139,218 @@ pub fn header_queue_time_us(props: &BasicProperties, name: &str) -> Option<i64> 
             .and_then(|t| i64::try_from(t).ok())
             .map(|s| s.saturating_mul(1_000_000))
     })
+}
+
+/// Header that makes a message an end-of-job marker; its value names the job to end, or `*`.
+pub const EOJ_HEADER: &str = "x-conveyor-eoj";
+/// Optional header on a marker: why the job ends (`schedule`, `manual`, …); default `manual`.
+pub const REASON_HEADER: &str = "x-conveyor-reason";
+/// Fanout exchange every worker listens on, for control that must overtake the backlog.
+pub const CONTROL_EXCHANGE: &str = "conveyor.control";
+
+/// An end-of-job marker found in the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Marker {
+    /// The job to end, or `*` for whichever job reads it.
+    pub job: String,
+    pub reason: crate::job::EndReason,
+}
+
+impl Marker {
+    pub fn applies_to(&self, job: &str) -> bool {
+        self.job == "*" || self.job == job
+    }
+}
+
+/// The marker a delivery carries, if it is one: header `x-conveyor-eoj`, or a zero-length body.
+pub fn marker(props: &BasicProperties, body: &[u8]) -> Option<Marker> {
+    let headers = props.headers().as_ref().map(|h| h.inner());
+    let text = |name: &str| {
+        headers.and_then(|h| h.get(name)).and_then(|v| match v {
+            AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok().map(str::to_string),
+            AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+            _ => None,
+        })
+    };
+    let job = text(EOJ_HEADER).or_else(|| body.is_empty().then(|| "*".to_string()))?;
+    let reason = text(REASON_HEADER)
+        .and_then(|r| crate::job::EndReason::parse(&r))
+        .unwrap_or(crate::job::EndReason::Manual);
+    Some(Marker { job, reason })
+}
+
+/// Publishes an end-of-job marker for `job` into `queue` (behind the backlog) and waits for the
+/// broker's confirm.
+pub async fn publish_marker(
+    channel: &Channel,
+    queue: &str,
+    job: &str,
+    reason: crate::job::EndReason,
+) -> Result<(), SourceError> {
+    let mut headers = FieldTable::default();
+    headers.insert(EOJ_HEADER.into(), AMQPValue::LongString(job.into()));
+    headers.insert(
+        REASON_HEADER.into(),
+        AMQPValue::LongString(reason.as_str().into()),
+    );
+    publish_confirmed(
+        channel,
+        "",
+        queue,
+        b"",
+        BasicProperties::default()
+            .with_headers(headers)
+            .with_delivery_mode(2),
+    )
+    .await
+}
+
+/// A control message on the `conveyor.control` fanout exchange.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Control {
+    pub pipeline: String,
+    /// The job to end now, or `*`.
+    pub job: String,
+    pub reason: String,
+}
+
+/// Declares the control exchange (idempotent).
+pub async fn declare_control(channel: &Channel) -> Result<(), SourceError> {
+    use lapin::options::ExchangeDeclareOptions;
+    channel
+        .exchange_declare(
+            CONTROL_EXCHANGE.into(),
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|source| SourceError::Channel {
+            what: "exchange.declare conveyor.control",
+            source,
+        })
+}
+
+/// Publishes a control message to every worker of every process.
+pub async fn publish_control(channel: &Channel, msg: &Control) -> Result<(), SourceError> {
+    declare_control(channel).await?;
+    let body = serde_json::to_vec(msg).unwrap_or_default();
+    publish_confirmed(
+        channel,
+        CONTROL_EXCHANGE,
+        "",
+        &body,
+        BasicProperties::default(),
+    )
+    .await
+}
+
+/// Opens a channel that receives every control message (a private, auto-deleted queue bound to
+/// the fanout exchange).
+pub async fn control_consumer(conn: &Connection) -> Result<(Channel, Consumer), SourceError> {
+    use lapin::options::QueueBindOptions;
+    let ch = |what| move |source| SourceError::Channel { what, source };
+    let channel = conn.create_channel().await.map_err(ch("channel.open"))?;
+    declare_control(&channel).await?;
+    let q = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(ch("queue.declare (control)"))?;
+    channel
+        .queue_bind(
+            q.name().as_str().into(),
+            CONTROL_EXCHANGE.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(ch("queue.bind (control)"))?;
+    let consumer = channel
+        .basic_consume(
+            q.name().as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(ch("basic.consume (control)"))?;
+    Ok((channel, consumer))
+}
+
+async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> Result<(), SourceError> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let ch = |what| move |source| SourceError::Channel { what, source };
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(ch("confirm.select"))?;
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .map_err(ch("basic.publish"))?
+        .await
+        .map_err(ch("publisher confirm"))?;
+    if confirm.is_nack() {
+        return Err(SourceError::Nacked {
+            exchange: exchange.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Consumes with `exclusive`: fails with ACCESS_REFUSED while another worker holds the queue.
+pub async fn consume_exclusive(
+    conn: &Connection,
+    queue: &str,
+    prefetch: u16,
+    consumer_tag: &str,
+) -> Result<(Channel, Consumer), SourceError> {
+    let ch = |what| move |source| SourceError::Channel { what, source };
+    let channel = conn.create_channel().await.map_err(ch("channel.open"))?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(ch("basic.qos"))?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            consumer_tag.into(),
+            BasicConsumeOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(ch("basic.consume (exclusive)"))?;
+    Ok((channel, consumer))
 }
 
 /// The publisher's message id, if it set one.

@@ -1,0 +1,248 @@
+//! Rotator: decides when jobs end, for one pipeline in this process.
+//!
+//! It watches the pipeline's shared state (which local job is active, since when, with which
+//! schedule) and publishes:
+//! - an EOJ marker naming the active job into the queue every `rotate_every` (the marker queues
+//!   behind the backlog, so rows before it belong to the ending job, rows after it to the next);
+//! - a priority control message on the `conveyor.control` fanout exchange when the queue depth
+//!   passes `depth_threshold` (control overtakes the backlog: the job ends now).
+//!
+//! Markers name the job, never `*`: a scheduled marker that arrives after the job already ended
+//! (say by idle EOJ) is acked and ignored by whoever reads it. Idle and max-rows EOJs are
+//! decided by the worker itself, which sees every delivery. Only the process that holds the
+//! active job rotates it, so several `conveyor run` processes never double-rotate.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{Config, PipelineConfig, QueueDeclare};
+use crate::job::EndReason;
+use crate::source;
+
+/// State shared by a pipeline's two workers and its rotator (one process).
+#[derive(Debug, Default)]
+pub struct PipelineState {
+    active: Mutex<Option<Active>>,
+    /// When and why the last job of this pipeline (in this process) saw its last delivery.
+    last_end: Mutex<Option<(Instant, EndReason)>>,
+    /// Set by a priority EOJ: the job that takes over runs with the priority pack/sessions.
+    boost_next: AtomicBool,
+}
+
+/// The job that owns the queue, as the rotator needs it.
+#[derive(Debug, Clone)]
+struct Active {
+    job: String,
+    since: Instant,
+    rotate_every: Option<Duration>,
+    depth_threshold: Option<u64>,
+    marker_sent: bool,
+    priority_sent: bool,
+}
+
+impl PipelineState {
+    /// A job got its first delivery. Returns the handoff gap when the job before it ended
+    /// with the queue still flowing (schedule, manual, priority, rows), not after idling.
+    pub fn activated(
+        &self,
+        job: &str,
+        rotate_every: Option<Duration>,
+        depth_threshold: Option<u64>,
+    ) -> Option<Duration> {
+        let now = Instant::now();
+        if let Ok(mut a) = self.active.lock() {
+            *a = Some(Active {
+                job: job.to_string(),
+                since: now,
+                rotate_every,
+                depth_threshold,
+                marker_sent: false,
+                priority_sent: false,
+            });
+        }
+        let last = self.last_end.lock().ok().and_then(|mut l| l.take())?;
+        match last.1 {
+            EndReason::Idle | EndReason::Shutdown | EndReason::Error => None,
+            _ => Some(now.saturating_duration_since(last.0)),
+        }
+    }
+
+    /// The active job saw its last delivery (called as soon as the end is decided, before the
+    /// consumer is cancelled, so the gap measures the whole handoff).
+    pub fn ending(&self, job: &str, reason: EndReason) {
+        if let Ok(mut a) = self.active.lock() {
+            if a.as_ref().is_some_and(|a| a.job == job) {
+                *a = None;
+            }
+        }
+        if let Ok(mut l) = self.last_end.lock() {
+            *l = Some((Instant::now(), reason));
+        }
+    }
+
+    pub fn request_boost(&self) {
+        self.boost_next.store(true, Ordering::SeqCst);
+    }
+
+    pub fn take_boost(&self) -> bool {
+        self.boost_next.swap(false, Ordering::SeqCst)
+    }
+
+    /// The active job's name, if a worker of this process holds the queue.
+    pub fn active_job(&self) -> Option<String> {
+        self.active
+            .lock()
+            .ok()
+            .and_then(|a| a.as_ref().map(|a| a.job.clone()))
+    }
+
+    /// What the rotator should do now, marking it as done.
+    fn due(&self, depth: Option<u32>) -> Option<(String, EndReason)> {
+        let mut guard = self.active.lock().ok()?;
+        let a = guard.as_mut()?;
+        if let (Some(limit), Some(depth)) = (a.depth_threshold, depth) {
+            if u64::from(depth) > limit && !a.priority_sent {
+                a.priority_sent = true;
+                return Some((a.job.clone(), EndReason::Priority));
+            }
+        }
+        if a.rotate_every
+            .is_some_and(|every| a.since.elapsed() >= every)
+            && !a.marker_sent
+        {
+            a.marker_sent = true;
+            return Some((a.job.clone(), EndReason::Schedule));
+        }
+        None
+    }
+}
+
+/// How often the rotator checks the schedule; bounds how late a scheduled EOJ is published.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Runs the rotator of pipeline `p` until `cancel`.
+pub async fn run(
+    config: Arc<Config>,
+    p: PipelineConfig,
+    state: Arc<PipelineState>,
+    cancel: CancellationToken,
+) {
+    let mut attempt = 0;
+    'connect: loop {
+        let opened = async {
+            let conn =
+                source::connect(&config.amqp_url, &format!("conveyor-rotator-{}", p.name)).await?;
+            let ch =
+                conn.create_channel()
+                    .await
+                    .map_err(|source| source::SourceError::Channel {
+                        what: "channel.open",
+                        source,
+                    })?;
+            Ok::<_, source::SourceError>((conn, ch))
+        };
+        let (conn, channel) = tokio::select! {
+            r = opened => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    attempt += 1;
+                    warn!(pipeline = %p.name, attempt, error = %e, "rotator cannot reach RabbitMQ; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(crate::backoff::delay(attempt)) => continue 'connect,
+                        _ = cancel.cancelled() => return,
+                    }
+                }
+            },
+            _ = cancel.cancelled() => return,
+        };
+        attempt = 0;
+        let mut tick = tokio::time::interval(TICK);
+        let mut last_poll: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = cancel.cancelled() => {
+                    let _ = conn.close(200, "rotator stopping".into()).await;
+                    return;
+                }
+            }
+            let mut depth = None;
+            if last_poll.is_none_or(|t| t.elapsed() >= p.depth_poll) {
+                last_poll = Some(Instant::now());
+                match source::declare_queue(&channel, &p.queue, QueueDeclare::Passive).await {
+                    Ok(d) => {
+                        crate::metrics::queue_depth(&p.name, d);
+                        depth = Some(d);
+                    }
+                    Err(e) => {
+                        warn!(pipeline = %p.name, error = %e, "rotator lost its channel; reconnecting");
+                        let _ = conn.close(200, "rotator reconnecting".into()).await;
+                        continue 'connect;
+                    }
+                }
+            }
+            let Some((job, reason)) = state.due(depth) else {
+                continue;
+            };
+            let sent = match reason {
+                EndReason::Priority => {
+                    let msg = source::Control {
+                        pipeline: p.name.clone(),
+                        job: job.clone(),
+                        reason: reason.as_str().into(),
+                    };
+                    source::publish_control(&channel, &msg).await
+                }
+                _ => source::publish_marker(&channel, &p.queue, &job, reason).await,
+            };
+            match sent {
+                Ok(()) => {
+                    info!(pipeline = %p.name, job = %job, reason = reason.as_str(), depth, "end of job requested")
+                }
+                Err(e) => {
+                    warn!(pipeline = %p.name, job = %job, error = %e, "cannot publish the end-of-job request; reconnecting");
+                    let _ = conn.close(200, "rotator reconnecting".into()).await;
+                    continue 'connect;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_fires_once_per_job_and_priority_first() {
+        let s = PipelineState::default();
+        assert_eq!(s.due(Some(10)), None, "nothing active");
+        s.activated("a", Some(Duration::ZERO), Some(5));
+        assert_eq!(s.due(Some(10)), Some(("a".into(), EndReason::Priority)));
+        assert_eq!(s.due(Some(10)), Some(("a".into(), EndReason::Schedule)));
+        assert_eq!(s.due(Some(10)), None, "each request is made once");
+        s.ending("a", EndReason::Schedule);
+        assert_eq!(s.active_job(), None);
+        let gap = s.activated("b", None, None);
+        assert!(gap.is_some(), "a scheduled handoff has a gap");
+        assert_eq!(s.due(Some(10)), None);
+        s.ending("b", EndReason::Idle);
+        assert_eq!(
+            s.activated("c", None, None),
+            None,
+            "no gap after an idle end"
+        );
+    }
+
+    #[test]
+    fn ending_another_job_keeps_the_active_one() {
+        let s = PipelineState::default();
+        s.activated("b", None, None);
+        s.ending("a", EndReason::Manual);
+        assert_eq!(s.active_job().as_deref(), Some("b"));
+    }
+}

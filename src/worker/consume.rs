@@ -1,0 +1,478 @@
+//! The consuming half of a job: register with the broker (as standby until the broker delivers),
+//! the delivery loop, end-of-job detection, and the ordered stop.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
+use lapin::{Channel, Connection, Consumer};
+use tokio::sync::{mpsc, Mutex, Semaphore};
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use super::{Job, SlotContext, WorkerError};
+use crate::config::{Handoff, PipelineConfig};
+use crate::job::EndReason;
+use crate::pack::{BadRow, Batch, GoodRow};
+use crate::sink::{self, Outcome, SessionParams};
+use crate::source::{self, acks::AckTracker};
+
+/// How often the job's row in `jobs` gets its counters refreshed while it runs.
+const COUNTS_INTERVAL: Duration = Duration::from_secs(10);
+/// After the consumer is cancelled, deliveries the client already holds arrive at once; this
+/// bounds the wait for the last of them.
+const DRAIN_WAIT: Duration = Duration::from_millis(20);
+
+/// What one delivery means for the job.
+enum Step {
+    Continue,
+    End(EndReason),
+}
+
+/// Why the delivery loop stopped.
+enum Stop {
+    End(EndReason),
+    Shutdown,
+    /// The broker connection or consumer was lost: reconnect and go on with the same job.
+    Lost,
+}
+
+/// A registered consumer and the job's control channel.
+struct Registered {
+    conn: Connection,
+    channel: Channel,
+    consumer: Consumer,
+    control: Consumer,
+    consumer_tag: String,
+    depth: u32,
+}
+
+/// Batches between dispatch and outcome, for one AMQP channel.
+struct Flight {
+    acks: AckTracker,
+    in_flight: usize,
+    abandoned: usize,
+}
+
+impl Job {
+    pub(super) async fn run(
+        mut self,
+        ctx: &SlotContext,
+        p: &PipelineConfig,
+    ) -> Result<(), WorkerError> {
+        let sessions_max = self.session_conns.len();
+        let (batch_tx, batch_rx) = mpsc::channel::<Batch>(sessions_max);
+        let (outcome_tx, mut outcomes) = mpsc::channel::<Outcome>(sessions_max * 2 + 2);
+        let queue = Arc::new(Mutex::new(batch_rx));
+        let permits = Arc::new(Semaphore::new(p.sessions));
+        let sessions = TaskTracker::new();
+        let session_cancel = ctx.cancel.child_token();
+        let params = SessionParams {
+            pipeline: p.name.clone(),
+            url: ctx.config.database_url.clone(),
+            connect_timeout: ctx.config.connect_timeout,
+        };
+        for (i, conn) in std::mem::take(&mut self.session_conns)
+            .into_iter()
+            .enumerate()
+        {
+            sessions.spawn(sink::run_session(
+                i,
+                Some(conn),
+                params.clone(),
+                self.target.clone(),
+                sink::SessionPipes {
+                    batches: queue.clone(),
+                    permits: permits.clone(),
+                    outcomes: outcome_tx.clone(),
+                },
+                session_cancel.clone(),
+            ));
+        }
+        sessions.close();
+        drop(outcome_tx);
+
+        let mut flight = Flight {
+            acks: AckTracker::new(),
+            in_flight: 0,
+            abandoned: 0,
+        };
+        let mut attempt = 0u32;
+        let mut failure: Option<String> = None;
+        let reason = 'connection: loop {
+            let reg = tokio::select! {
+                r = self.register(ctx, p) => r,
+                _ = ctx.cancel.cancelled() => break 'connection EndReason::Shutdown,
+            };
+            let Registered {
+                conn,
+                channel,
+                mut consumer,
+                mut control,
+                consumer_tag,
+                depth,
+            } = match reg {
+                Ok(Some(r)) => r,
+                Ok(None) => break 'connection EndReason::Shutdown,
+                Err(e) => {
+                    attempt += 1;
+                    crate::metrics::reconnect(&p.name, "rabbitmq");
+                    warn!(pipeline = %p.name, slot = ctx.slot, attempt, error = %e, "RabbitMQ unavailable; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(crate::backoff::delay(attempt)) => continue 'connection,
+                        _ = ctx.cancel.cancelled() => break 'connection EndReason::Shutdown,
+                    }
+                }
+            };
+            if attempt > 0 {
+                info!(pipeline = %p.name, slot = ctx.slot, "RabbitMQ connection restored");
+            }
+            attempt = 0;
+            info!(pipeline = %p.name, slot = ctx.slot, job = %self.name, queue = %p.queue, depth, "registered as consumer");
+            self.report
+                .event(
+                    "QueueOpen",
+                    &format!("Queue={}, Depth={depth}, Handoff={:?}", p.queue, p.handoff),
+                )
+                .await;
+            ctx.health.set(true);
+
+            let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+            let latency_timer = tokio::time::sleep_until(far);
+            tokio::pin!(latency_timer);
+            let mut armed: Option<Instant> = None;
+            let idle_after = p.idle_eoj.unwrap_or(Duration::from_secs(86_400 * 365));
+            let idle_timer = tokio::time::sleep(idle_after);
+            tokio::pin!(idle_timer);
+            let mut counts_tick = tokio::time::interval(COUNTS_INTERVAL);
+            counts_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let stop = loop {
+                tokio::select! {
+                    biased;
+                    _ = ctx.cancel.cancelled() => break Stop::Shutdown,
+                    Some(o) = outcomes.recv() => self.on_outcome(o, &channel, &mut flight).await?,
+                    _ = &mut latency_timer, if armed.is_some() => {
+                        armed = None;
+                        latency_timer.as_mut().reset(far);
+                        if let Some(b) = self.packer.seal() {
+                            self.dispatch(b, &batch_tx, &mut outcomes, &channel, &mut flight).await?;
+                        }
+                    }
+                    _ = &mut idle_timer, if self.active && p.idle_eoj.is_some() && self.counts.read > 0 => {
+                        break Stop::End(EndReason::Idle);
+                    }
+                    c = control.next() => match c {
+                        Some(Ok(d)) => {
+                            if self.control_applies(&d.data, p) {
+                                ctx.state.request_boost();
+                                break Stop::End(EndReason::Priority);
+                            }
+                        }
+                        _ => {
+                            warn!(pipeline = %p.name, slot = ctx.slot, "control channel lost; reconnecting");
+                            break Stop::Lost;
+                        }
+                    },
+                    d = consumer.next() => match d {
+                        Some(Ok(delivery)) => {
+                            if !self.active && self.activate(ctx, p).await && p.priority_sessions.is_some_and(|s| s > p.sessions) {
+                                permits.add_permits(p.priority_sessions.unwrap_or(0) - p.sessions);
+                            }
+                            if p.idle_eoj.is_some() {
+                                idle_timer.as_mut().reset(tokio::time::Instant::now() + idle_after);
+                            }
+                            let step = self.on_delivery(delivery, p);
+                            if let Step::End(reason) = step {
+                                break Stop::End(reason);
+                            }
+                            if let Some(b) = self.packer.take_if_full() {
+                                self.dispatch(b, &batch_tx, &mut outcomes, &channel, &mut flight).await?;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            warn!(pipeline = %p.name, slot = ctx.slot, error = %e, "RabbitMQ connection lost; finishing in-flight batches, then reconnecting");
+                            break Stop::Lost;
+                        }
+                        None => {
+                            warn!(pipeline = %p.name, slot = ctx.slot, "consumer cancelled by the broker (queue deleted or failover); re-registering");
+                            break Stop::Lost;
+                        }
+                    },
+                    _ = counts_tick.tick() => self.save_counts().await,
+                }
+                let deadline = self.packer.deadline();
+                if deadline != armed {
+                    armed = deadline;
+                    latency_timer
+                        .as_mut()
+                        .reset(deadline.map_or(far, tokio::time::Instant::from_std));
+                }
+            };
+            ctx.health.set(false);
+            let ending = match stop {
+                Stop::End(reason) => Some(reason),
+                Stop::Shutdown => Some(EndReason::Shutdown),
+                Stop::Lost => None,
+            };
+            if let Some(reason) = ending {
+                ctx.state.ending(&self.name, reason);
+                // Cancel first: the broker activates the standby while this job finishes.
+                let _ = channel
+                    .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
+                    .await;
+                let requeued = requeue_rest(&channel, &mut consumer).await;
+                if requeued > 0 {
+                    info!(job = %self.name, requeued, "requeued deliveries received after the end of the job");
+                }
+            }
+            drop(consumer);
+            drop(control);
+            if let Some(b) = self.packer.seal() {
+                self.dispatch(b, &batch_tx, &mut outcomes, &channel, &mut flight)
+                    .await?;
+            }
+            while flight.in_flight > 0 {
+                match outcomes.recv().await {
+                    Some(o) => self.on_outcome(o, &channel, &mut flight).await?,
+                    None => break,
+                }
+            }
+            if flight.abandoned > 0 {
+                failure = Some(format!(
+                    "{} batch(es) could not be committed before shutdown; left unacked for redelivery",
+                    flight.abandoned
+                ));
+            }
+            let _ = channel.close(200, "conveyor job ending".into()).await;
+            let _ = conn.close(200, "conveyor job ending".into()).await;
+            match ending {
+                Some(reason) => break 'connection reason,
+                None if ctx.cancel.is_cancelled() => break 'connection EndReason::Shutdown,
+                None => {
+                    // Tags of the lost channel mean nothing on the next one.
+                    flight.acks.reset();
+                    crate::metrics::reconnect(&p.name, "rabbitmq");
+                }
+            }
+        };
+        drop(batch_tx);
+        session_cancel.cancel();
+        sessions.wait().await;
+        if self.active {
+            crate::metrics::active_worker(&p.name, ctx.slot, false);
+        }
+        self.end(&p.name, reason, failure).await;
+        Ok(())
+    }
+
+    /// Connects, declares, opens the control consumer and registers on the queue. With
+    /// `handoff = "exclusive"` it retries every `retry_ms` while another worker holds the
+    /// queue. `Ok(None)`: shutdown came first.
+    async fn register(
+        &self,
+        ctx: &SlotContext,
+        p: &PipelineConfig,
+    ) -> Result<Option<Registered>, source::SourceError> {
+        let consumer_tag = format!(
+            "conveyor-{}-{}-{}-{}",
+            p.name,
+            ctx.slot,
+            std::process::id(),
+            self.name
+        );
+        let conn = source::connect(&ctx.config.amqp_url, &consumer_tag).await?;
+        let declare =
+            conn.create_channel()
+                .await
+                .map_err(|source| source::SourceError::Channel {
+                    what: "channel.open",
+                    source,
+                })?;
+        let depth = source::declare_queue(&declare, &p.queue, p.queue_declare).await?;
+        let _ = declare.close(200, "declared".into()).await;
+        let (_control_channel, control) = source::control_consumer(&conn).await?;
+        let (channel, consumer) = match p.handoff {
+            Handoff::SingleActive => {
+                source::consume(&conn, &p.queue, p.prefetch, &consumer_tag).await?
+            }
+            Handoff::Exclusive => {
+                ctx.health.set(true);
+                let r = loop {
+                    match source::consume_exclusive(&conn, &p.queue, p.prefetch, &consumer_tag)
+                        .await
+                    {
+                        Ok(v) => break Ok(Some(v)),
+                        Err(e) if is_in_use(&e) => {
+                            tokio::select! {
+                                _ = tokio::time::sleep(p.retry) => {}
+                                _ = ctx.cancel.cancelled() => break Ok(None),
+                            }
+                        }
+                        Err(e) => break Err(e),
+                    }
+                };
+                ctx.health.set(false);
+                match r? {
+                    Some(v) => v,
+                    None => {
+                        let _ = conn.close(200, "shutdown".into()).await;
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        Ok(Some(Registered {
+            conn,
+            channel,
+            consumer,
+            control,
+            consumer_tag,
+            depth,
+        }))
+    }
+
+    /// Whether a control message ends this job now.
+    fn control_applies(&self, body: &[u8], p: &PipelineConfig) -> bool {
+        match serde_json::from_slice::<source::Control>(body) {
+            Ok(c) => self.active && c.pipeline == p.name && (c.job == "*" || c.job == self.name),
+            Err(e) => {
+                warn!(pipeline = %p.name, error = %e, "ignoring an unreadable control message");
+                false
+            }
+        }
+    }
+
+    fn on_delivery(&mut self, d: lapin::message::Delivery, p: &PipelineConfig) -> Step {
+        self.seq += 1;
+        let now = Instant::now();
+        let received_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |t| t.as_micros() as i64);
+        self.last_delivery_us = Some(received_us);
+        let seq = self.seq;
+        if let Some(m) = source::marker(&d.properties, &d.data) {
+            let batch = self.packer.open(now, seq);
+            batch.skipped += 1;
+            batch.last_seq = seq;
+            batch.last_tag = d.delivery_tag;
+            if m.applies_to(&self.name) {
+                info!(job = %self.name, reason = m.reason.as_str(), "end-of-job marker");
+                return Step::End(m.reason);
+            }
+            self.counts.skipped += 1;
+            info!(job = %self.name, marker_for = %m.job, "end-of-job marker for a job that already ended: acked and ignored");
+            return Step::Continue;
+        }
+        self.counts.read += 1;
+        let queue_time = source::header_queue_time_us(&d.properties, &p.queue_time_header);
+        let message_id = source::message_id(&d.properties);
+        let batch = self.packer.open(now, seq);
+        let start = batch.copy.len();
+        match self
+            .decoder
+            .decode(&d.data, queue_time, received_us, &mut batch.copy)
+        {
+            Ok(decoded) => batch.good.push(GoodRow {
+                start,
+                end: batch.copy.len(),
+                raw: d.data,
+                seq,
+                queue_time_us: decoded.queue_time_us,
+                message_id,
+            }),
+            Err(reject) => batch.bad.push(BadRow {
+                raw: d.data,
+                seq,
+                queue_time_us: queue_time,
+                message_id,
+                reject,
+            }),
+        }
+        batch.last_seq = seq;
+        batch.last_tag = d.delivery_tag;
+        if p.max_rows.is_some_and(|m| self.counts.read >= m) {
+            return Step::End(EndReason::Rows);
+        }
+        Step::Continue
+    }
+
+    /// Hands a closed batch to the sessions, still processing outcomes while the queue is full
+    /// (so a full queue can never deadlock against a full outcome channel).
+    async fn dispatch(
+        &mut self,
+        batch: Batch,
+        tx: &mpsc::Sender<Batch>,
+        outcomes: &mut mpsc::Receiver<Outcome>,
+        channel: &Channel,
+        flight: &mut Flight,
+    ) -> Result<(), WorkerError> {
+        flight.acks.dispatched(batch.id, batch.last_tag)?;
+        flight.in_flight += 1;
+        crate::metrics::messages_received(&self.target.pipeline, batch.rows() as u64);
+        loop {
+            tokio::select! {
+                permit = tx.reserve() => {
+                    match permit {
+                        Ok(permit) => permit.send(batch),
+                        Err(_) => error!(job = %self.name, "sessions stopped; batch left unacked"),
+                    }
+                    return Ok(());
+                }
+                Some(o) = outcomes.recv() => self.on_outcome(o, channel, flight).await?,
+            }
+        }
+    }
+
+    async fn on_outcome(
+        &mut self,
+        o: Outcome,
+        channel: &Channel,
+        flight: &mut Flight,
+    ) -> Result<(), WorkerError> {
+        flight.in_flight = flight.in_flight.saturating_sub(1);
+        match o {
+            Outcome::Committed(c) => {
+                self.counts.inserted += c.inserted;
+                self.counts.rejected += c.rejected.values().sum::<u64>();
+                self.counts.batches += 1;
+                crate::metrics::batch_committed(&self.target.pipeline, &c);
+                if let Some(tag) = flight.acks.committed(c.batch_id)? {
+                    let opts = BasicAckOptions { multiple: true };
+                    if let Err(e) = channel.basic_ack(tag, opts).await {
+                        // The channel is gone: the broker redelivers these; see ARCHITECTURE.md.
+                        warn!(job = %self.name, tag, error = %e, "ack after commit failed (channel lost); the messages will be redelivered");
+                    }
+                }
+            }
+            Outcome::Abandoned { batch_id } => {
+                flight.abandoned += 1;
+                warn!(job = %self.name, batch = batch_id, "batch abandoned at shutdown");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Requeues every delivery the client still holds after the consumer was cancelled: they were
+/// received after the end point, so they belong to the next job.
+async fn requeue_rest(channel: &Channel, consumer: &mut Consumer) -> usize {
+    let mut n = 0;
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(DRAIN_WAIT, consumer.next()).await {
+        let opts = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        if channel.basic_nack(d.delivery_tag, opts).await.is_err() {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+/// The broker's answer while another worker holds the queue exclusively.
+fn is_in_use(e: &source::SourceError) -> bool {
+    let s = e.to_string();
+    s.contains("ACCESS_REFUSED") || s.contains("RESOURCE_LOCKED") || s.contains("exclusive")
+}
