@@ -25,12 +25,16 @@ async fn migrate_twice_is_idempotent_and_creates_the_tables() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("up to date"));
     }
     let tables = env
-        .scalar("SELECT count(*) FROM information_schema.tables WHERE table_schema = '{schema}' AND table_name IN ('jobs', 'robust_log', '_sqlx_migrations')")
+        .scalar("SELECT count(*) FROM information_schema.tables WHERE table_schema = '{schema}' AND table_name IN ('jobs', 'robust_log', '_sqlx_migrations', 'config')")
         .await;
-    assert_eq!(tables, 3);
+    assert_eq!(tables, 4);
     let applied = env
         .scalar("SELECT count(*) FROM {schema}._sqlx_migrations")
         .await;
-    assert_eq!(applied, 1, "each migration recorded once");
+    assert_eq!(
+        applied,
+        conveyor::db::MIGRATOR.iter().count() as i64,
+        "each migration recorded once"
+    );
     env.cleanup().await;
 }
