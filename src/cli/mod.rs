@@ -1,5 +1,6 @@
 //! The command line: argument definitions and dispatch; one thin file per subcommand.
 
+mod eoj;
 mod feed;
 mod migrate;
 mod run;
@@ -38,6 +39,10 @@ pub enum Command {
     Run,
     /// Create or upgrade conveyor's tables (jobs, robust log) in database.schema; idempotent.
     Migrate,
+    /// End a pipeline's active job: a marker behind the backlog, or --priority to end it now.
+    ///
+    /// Prints which job ended, with its counts.
+    Eoj(eoj::EojArgs),
     /// Publish test rows (seed-like `person` rows, or a JSON-lines file) with publisher confirms.
     Feed(feed::FeedArgs),
 }
@@ -60,6 +65,7 @@ pub fn main() -> std::process::ExitCode {
             Command::Run => run::run(&cli.config).await,
             Command::Migrate => migrate::run(&cli.config).await,
             Command::Feed(args) => feed::run(&cli.config, args).await,
+            Command::Eoj(args) => eoj::run(&cli.config, args).await,
         }
     });
     match result {
