@@ -9,22 +9,23 @@
 //! `cargo bench --bench drain` (N = 200,000; `DRAIN_ROWS` overrides). Under `cargo test
 //! --all-targets` it runs a small smoke pass that checks the counts instead.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use conveyor::config::{Config, QueueDeclare, SecretUrl};
+use conveyor::config::{Config, SecretUrl};
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 
-const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+use common::{World, AMQP_URL, PG_URL};
 /// The daemon's default prefetch, given to the bare consumer too.
 const PREFETCH: u16 = 20_000;
 
 fn main() {
-    let bench = std::env::args().any(|a| a == "--bench");
+    let bench = common::is_bench();
     let n: u64 = if bench {
         std::env::var("DRAIN_ROWS")
             .ok()
@@ -40,62 +41,17 @@ fn main() {
     rt.block_on(run(n, bench));
 }
 
-struct World {
-    schema: String,
-    queue: String,
-}
-
 async fn run(n: u64, bench: bool) {
-    let suffix = format!("{:08x}", rand::random::<u32>());
-    let w = World {
-        schema: format!("bench_{suffix}"),
-        queue: format!("conveyor.bench.{suffix}"),
-    };
-    let mut db = PgConnection::connect(PG_URL).await.expect(
-        "PostgreSQL at 127.0.0.1:5432 (start it: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start)",
-    );
-    let ddl = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/deploy/sql/person.sql"
-    ))
-    .expect("person.sql");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE SCHEMA {s}; SET search_path = {s}; {ddl}",
-        s = w.schema
-    )))
-    .execute(&mut db)
-    .await
-    .expect("create bench schema");
-
-    let result = std::panic::AssertUnwindSafe(measure(&w, &mut db, n, bench));
-    let outcome = futures_util::FutureExt::catch_unwind(result).await;
-
-    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DROP SCHEMA IF EXISTS {} CASCADE",
-        w.schema
-    )))
-    .execute(&mut db)
-    .await;
-    if let Ok(conn) = conveyor::source::connect(&SecretUrl::new(AMQP_URL), "bench-cleanup").await {
-        if let Ok(ch) = conn.create_channel().await {
-            let _ = ch
-                .queue_delete(w.queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        let _ = conn.close(200, "done".into()).await;
-    }
-    if let Err(p) = outcome {
-        std::panic::resume_unwind(p);
-    }
+    common::with_world(|w, mut db| async move { measure(&w, &mut db, n, bench).await }).await;
 }
 
 async fn measure(w: &World, db: &mut PgConnection, n: u64, bench: bool) {
     // 1. bare consumer
-    let fed = feed(w, n, 0.0, 1).await;
+    let fed = common::feed(w, n, 0, 0.0, 1).await;
     let bare = bare_consume(&w.queue, n).await;
 
     // 2. conveyor, clean rows
-    feed(w, n, 0.0, 1).await;
+    common::feed(w, n, 0, 0.0, 1).await;
     let clean = conveyor_drain(w, db, n).await;
     let (rows, _) = counts(db, w).await;
     assert_eq!(rows as u64, fed.good, "conveyor loaded every clean row");
@@ -105,7 +61,7 @@ async fn measure(w: &World, db: &mut PgConnection, n: u64, bench: bool) {
 
     // 4. conveyor, 1 % bad rows
     truncate(db, w).await;
-    let bad_feed = feed(w, n, 1.0, 2).await;
+    let bad_feed = common::feed(w, n, 0, 1.0, 2).await;
     let errors = conveyor_drain(w, db, n).await;
     let (rows, rejected) = counts(db, w).await;
     assert_eq!(rows as u64, bad_feed.good, "good rows loaded");
@@ -159,23 +115,6 @@ fn fed_bytes(_n: u64) -> usize {
     conveyor::feed::person_row(1, &mut rng, None, None).len()
 }
 
-async fn feed(w: &World, n: u64, errors_pct: f64, seed: u64) -> conveyor::feed::FeedReport {
-    conveyor::feed::run(conveyor::feed::FeedOptions {
-        amqp_url: SecretUrl::new(AMQP_URL),
-        queue: w.queue.clone(),
-        declare: QueueDeclare::Quorum,
-        count: n,
-        rate: 0,
-        errors_pct,
-        file: None,
-        seed,
-        id_base: 1,
-        progress: false,
-    })
-    .await
-    .expect("feed")
-}
-
 /// Drains `n` messages with a plain lapin consumer that does nothing but ack (one `multiple`
 /// ack per 500 deliveries, the cheapest acking a consumer can do): the broker's own ceiling.
 async fn bare_consume(queue: &str, n: u64) -> f64 {
@@ -217,27 +156,7 @@ async fn bare_consume(queue: &str, n: u64) -> f64 {
 
 /// Runs the daemon in-process on the backlog and times it until every row is committed.
 async fn conveyor_drain(w: &World, db: &mut PgConnection, n: u64) -> f64 {
-    let text = format!(
-        r#"[amqp]
-url = "{AMQP_URL}"
-[database]
-url = "{PG_URL}"
-schema = "{s}"
-[http]
-listen = ""
-[log]
-level = "warn"
-[[pipeline]]
-name = "bench"
-queue = "{q}"
-target = "{s}.person"
-queue_time_column = "queue_time"
-"#,
-        s = w.schema,
-        q = w.queue
-    );
-    let config = Config::from_toml(std::path::Path::new("bench.toml"), &text, |_| None)
-        .expect("bench config");
+    let config = common::config(w, "");
     let before = counts(db, w).await;
     let shutdown = CancellationToken::new();
     let start = Instant::now();

@@ -1,0 +1,121 @@
+//! Shared by the benches: a fresh schema with the demo `person` table and a fresh queue, torn
+//! down afterwards even when the measurement panics; the daemon's config for that world; feeds.
+#![allow(dead_code)]
+
+use std::future::Future;
+
+use conveyor::config::{Config, QueueDeclare, SecretUrl};
+use lapin::options::QueueDeleteOptions;
+use sqlx::{Connection, PgConnection};
+
+pub const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// One bench run's schema (person table + conveyor's objects) and queue.
+pub struct World {
+    pub schema: String,
+    pub queue: String,
+}
+
+/// True under `cargo bench`; false under `cargo test --all-targets`, where benches smoke-test.
+pub fn is_bench() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
+/// Creates a world, runs `measure` in it, and drops the world whatever happens.
+pub async fn with_world<F, Fut>(measure: F)
+where
+    F: FnOnce(World, PgConnection) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let suffix = format!("{:08x}", rand::random::<u32>());
+    let (schema, queue) = (
+        format!("bench_{suffix}"),
+        format!("conveyor.bench.{suffix}"),
+    );
+    let mut db = connect().await;
+    let ddl = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/sql/person.sql"
+    ))
+    .expect("person.sql");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE SCHEMA {schema}; SET search_path = {schema}; {ddl}"
+    )))
+    .execute(&mut db)
+    .await
+    .expect("create bench schema");
+    let w = World {
+        schema: schema.clone(),
+        queue: queue.clone(),
+    };
+    let outcome =
+        futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(measure(w, db))).await;
+    let mut db = connect().await;
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {schema} CASCADE"
+    )))
+    .execute(&mut db)
+    .await;
+    if let Ok(conn) = conveyor::source::connect(&SecretUrl::new(AMQP_URL), "bench-cleanup").await {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = conn.close(200, "done".into()).await;
+    }
+    if let Err(p) = outcome {
+        std::panic::resume_unwind(p);
+    }
+}
+
+pub async fn connect() -> PgConnection {
+    PgConnection::connect(PG_URL).await.expect(
+        "PostgreSQL at 127.0.0.1:5432 (start it: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start)",
+    )
+}
+
+/// The daemon's config for `w`: defaults, plus `extra` lines in the pipeline section.
+pub fn config(w: &World, extra: &str) -> Config {
+    let text = format!(
+        "[amqp]\nurl = \"{AMQP_URL}\"\n[database]\nurl = \"{PG_URL}\"\nschema = \"{s}\"\n[http]\nlisten = \"\"\n[log]\nlevel = \"warn\"\n[report]\ndir = \"{dir}\"\n[[pipeline]]\nname = \"bench\"\nqueue = \"{q}\"\ntarget = \"{s}.person\"\nqueue_time_column = \"queue_time\"\n{extra}\n",
+        s = w.schema,
+        q = w.queue,
+        dir = std::env::temp_dir().join(format!("{}-reports", w.schema)).display(),
+    );
+    Config::from_toml(std::path::Path::new("bench.toml"), &text, |_| None).expect("bench config")
+}
+
+/// Publishes `n` generated rows (publisher confirms) at `rate` rows/s (0 = as fast as possible).
+pub async fn feed(
+    w: &World,
+    n: u64,
+    rate: u64,
+    errors_pct: f64,
+    seed: u64,
+) -> conveyor::feed::FeedReport {
+    conveyor::feed::run(conveyor::feed::FeedOptions {
+        amqp_url: SecretUrl::new(AMQP_URL),
+        queue: w.queue.clone(),
+        declare: QueueDeclare::Quorum,
+        count: n,
+        rate,
+        errors_pct,
+        file: None,
+        seed,
+        id_base: seed * 100_000_000,
+        progress: false,
+    })
+    .await
+    .expect("feed")
+}
+
+/// `p`-th percentile of sorted `v` (nearest rank).
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
