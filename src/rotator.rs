@@ -31,6 +31,9 @@ pub struct PipelineState {
     last_end: Mutex<Option<(Instant, EndReason)>>,
     /// Set by a priority EOJ: the job that takes over runs with the priority pack/sessions.
     boost_next: AtomicBool,
+    /// Workers registered with the broker and not yet active. Ending a job while this is 0
+    /// leaves the queue unowned until the partner finishes initialising, so the rotator waits.
+    standbys: std::sync::atomic::AtomicUsize,
 }
 
 /// The job that owns the queue, as the rotator needs it.
@@ -84,6 +87,18 @@ impl PipelineState {
         }
     }
 
+    /// A worker registered as consumer and waits for the broker to activate it.
+    pub fn standby_up(&self) {
+        self.standbys.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A standby became active, or left without ever being active.
+    pub fn standby_down(&self) {
+        let _ = self
+            .standbys
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    }
+
     pub fn request_boost(&self) {
         self.boost_next.store(true, Ordering::SeqCst);
     }
@@ -100,8 +115,11 @@ impl PipelineState {
             .and_then(|a| a.as_ref().map(|a| a.job.clone()))
     }
 
-    /// What the rotator should do now, marking it as done.
+    /// What the rotator should do now, marking it as done. Nothing while no partner stands by.
     fn due(&self, depth: Option<u32>) -> Option<(String, EndReason)> {
+        if self.standbys.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
         let mut guard = self.active.lock().ok()?;
         let a = guard.as_mut()?;
         if let (Some(limit), Some(depth)) = (a.depth_threshold, depth) {
@@ -220,6 +238,7 @@ mod tests {
     #[test]
     fn schedule_fires_once_per_job_and_priority_first() {
         let s = PipelineState::default();
+        s.standby_up();
         assert_eq!(s.due(Some(10)), None, "nothing active");
         s.activated("a", Some(Duration::ZERO), Some(5));
         assert_eq!(s.due(Some(10)), Some(("a".into(), EndReason::Priority)));
@@ -236,6 +255,18 @@ mod tests {
             None,
             "no gap after an idle end"
         );
+    }
+
+    #[test]
+    fn no_rotation_without_a_standby() {
+        let s = PipelineState::default();
+        s.activated("a", Some(Duration::ZERO), None);
+        assert_eq!(s.due(None), None, "the partner is still initialising");
+        s.standby_up();
+        assert_eq!(s.due(None), Some(("a".into(), EndReason::Schedule)));
+        s.standby_down();
+        s.standby_down();
+        assert_eq!(s.standbys.load(Ordering::SeqCst), 0, "never below zero");
     }
 
     #[test]

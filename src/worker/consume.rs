@@ -137,6 +137,10 @@ impl Job {
                 )
                 .await;
             ctx.health.set(true);
+            let mut standing_by = !self.active;
+            if standing_by {
+                ctx.state.standby_up();
+            }
 
             let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
             let latency_timer = tokio::time::sleep_until(far);
@@ -176,6 +180,10 @@ impl Job {
                     },
                     d = consumer.next() => match d {
                         Some(Ok(delivery)) => {
+                            if standing_by {
+                                standing_by = false;
+                                ctx.state.standby_down();
+                            }
                             if !self.active && self.activate(ctx, p).await && p.priority_sessions.is_some_and(|s| s > p.sessions) {
                                 permits.add_permits(p.priority_sessions.unwrap_or(0) - p.sessions);
                             }
@@ -210,6 +218,9 @@ impl Job {
                 }
             };
             ctx.health.set(false);
+            if standing_by {
+                ctx.state.standby_down();
+            }
             let ending = match stop {
                 Stop::End(reason) => Some(reason),
                 Stop::Shutdown => Some(EndReason::Shutdown),
@@ -297,7 +308,9 @@ impl Job {
                 source::consume(&conn, &p.queue, p.prefetch, &consumer_tag).await?
             }
             Handoff::Exclusive => {
+                // Retrying for the exclusive consumer is this handoff mode's standby.
                 ctx.health.set(true);
+                ctx.state.standby_up();
                 let r = loop {
                     match source::consume_exclusive(&conn, &p.queue, p.prefetch, &consumer_tag)
                         .await
@@ -313,6 +326,7 @@ impl Job {
                     }
                 };
                 ctx.health.set(false);
+                ctx.state.standby_down();
                 match r? {
                     Some(v) => v,
                     None => {
