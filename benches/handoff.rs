@@ -2,9 +2,8 @@
 //! next, over many rotations under load (DESIGN §3; the seed achieved < 2 s).
 //!
 //! The daemon runs in-process with `rotate_every = 250ms` while 130,000 rows are fed at 5,000
-//! rows/s;
-//! each handoff's gap is read back from `jobs.handoff_gap_ms`. Prints min / p50 / p99 / max and
-//! writes `target/bench/handoff.json`. `cargo bench --bench handoff`; under `cargo test
+//! rows/s; each handoff's gap is read back from `jobs.handoff_gap_ms`. Prints min / p50 / p99 /
+//! max and writes `target/bench/handoff.json`. `cargo bench --bench handoff`; under `cargo test
 //! --all-targets` a short smoke run checks that gaps are recorded and rows load once.
 
 mod common;
