@@ -226,16 +226,14 @@ impl Job {
                 Stop::Shutdown => Some(EndReason::Shutdown),
                 Stop::Lost => None,
             };
+            let mut after_end = None;
             if let Some(reason) = ending {
                 ctx.state.ending(&self.name, reason);
                 // Cancel first: the broker activates the standby while this job finishes.
                 let _ = channel
                     .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
                     .await;
-                let requeued = requeue_rest(&channel, &mut consumer).await;
-                if requeued > 0 {
-                    info!(job = %self.name, requeued, "requeued deliveries received after the end of the job");
-                }
+                after_end = drain_rest(&mut consumer).await;
             }
             drop(consumer);
             drop(control);
@@ -247,6 +245,22 @@ impl Job {
                 match outcomes.recv().await {
                     Some(o) => self.on_outcome(o, &channel, &mut flight).await?,
                     None => break,
+                }
+            }
+            if let Some((last_tag, n)) = after_end {
+                // Everything up to the end point is acked now, so one `multiple` nack returns
+                // exactly the deliveries received after it (plus any abandoned batch).
+                let opts = BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                };
+                match channel.basic_nack(last_tag, opts).await {
+                    Ok(()) => {
+                        info!(job = %self.name, requeued = n, "requeued deliveries received after the end of the job")
+                    }
+                    Err(e) => {
+                        warn!(job = %self.name, error = %e, "requeue failed; closing the channel returns them instead")
+                    }
                 }
             }
             if flight.abandoned > 0 {
@@ -468,21 +482,16 @@ impl Job {
     }
 }
 
-/// Requeues every delivery the client still holds after the consumer was cancelled: they were
-/// received after the end point, so they belong to the next job.
-async fn requeue_rest(channel: &Channel, consumer: &mut Consumer) -> usize {
+/// Takes every delivery the client still holds after the consumer was cancelled (they were
+/// received after the end point and belong to the next job); returns the highest tag and count.
+async fn drain_rest(consumer: &mut Consumer) -> Option<(u64, usize)> {
+    let mut last = None;
     let mut n = 0;
     while let Ok(Some(Ok(d))) = tokio::time::timeout(DRAIN_WAIT, consumer.next()).await {
-        let opts = BasicNackOptions {
-            multiple: false,
-            requeue: true,
-        };
-        if channel.basic_nack(d.delivery_tag, opts).await.is_err() {
-            break;
-        }
+        last = Some(d.delivery_tag);
         n += 1;
     }
-    n
+    last.map(|t| (t, n))
 }
 
 /// The broker's answer while another worker holds the queue exclusively.
