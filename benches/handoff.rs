@@ -1,7 +1,7 @@
 //! Handoff benchmark: the gap between the last delivery of a job and the first delivery of the
 //! next, over many rotations under load (DESIGN §3; the seed achieved < 2 s).
 //!
-//! The daemon runs in-process with `rotate_every = 250ms` while 130,000 rows are fed at 5,000
+//! The daemon runs in-process with `rotate_every = 150ms` while 130,000 rows are fed at 5,000
 //! rows/s; each handoff's gap is read back from `jobs.handoff_gap_ms`. Prints min / p50 / p99 /
 //! max and writes `target/bench/handoff.json`. `cargo bench --bench handoff`; under `cargo test
 //! --all-targets` a short smoke run checks that gaps are recorded and rows load once.
@@ -19,7 +19,7 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(common::with_world(|w, mut db| async move {
-        // 26 s at 5,000 rows/s; a rotation every 250 ms plus job end and init: ≥ 50 handoffs.
+        // 26 s at 5,000 rows/s; a rotation every 150 ms plus job end and init: ≥ 50 handoffs.
         let (rows, rate) = if bench {
             (75_000, 5_000)
         } else {
@@ -27,7 +27,7 @@ fn main() {
         };
         let config = common::config(
             &w,
-            "rotate_every = \"250ms\"\nlatency_ms = 20\nidle_eoj = \"0s\"",
+            "rotate_every = \"150ms\"\nlatency_ms = 20\nidle_eoj = \"0s\"",
         );
         let shutdown = CancellationToken::new();
         let daemon = tokio::spawn(conveyor::daemon::run(config, shutdown.clone()));
@@ -73,7 +73,7 @@ fn main() {
             gaps[gaps.len() - 1],
         );
         println!(
-            "\nhandoff benchmark: {} handoffs under {rate} rows/s, rotate_every 250ms, one run\n\
+            "\nhandoff benchmark: {} handoffs under {rate} rows/s, rotate_every 150ms, one run\n\
              gap ms: min {min:.2}  p50 {p50:.2}  p99 {p99:.2}  max {max:.2}   (aim p99 ≤ 50)",
             gaps.len()
         );
