@@ -1,7 +1,7 @@
 //! Handoff benchmark: the gap between the last delivery of a job and the first delivery of the
 //! next, over many rotations under load (DESIGN §3; the seed achieved < 2 s).
 //!
-//! The daemon runs in-process with `rotate_every = 150ms` while 130,000 rows are fed at 5,000
+//! The daemon runs in-process with `rotate_every = 150ms` while 200,000 rows are fed at 5,000
 //! rows/s; each handoff's gap is read back from `jobs.handoff_gap_ms`. Prints min / p50 / p99 /
 //! max and writes `target/bench/handoff.json`. `cargo bench --bench handoff`; under `cargo test
 //! --all-targets` a short smoke run checks that gaps are recorded and rows load once.
@@ -19,7 +19,8 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(common::with_world(|w, mut db| async move {
-        // 26 s at 5,000 rows/s; a rotation every 150 ms plus job end and init: ≥ 50 handoffs.
+        // 40 s at 5,000 rows/s. Job names have one-second resolution, so a slot starts at most
+        // one job per second: about two handoffs a second, ≥ 50 in the run.
         let (rows, rate) = if bench {
             (75_000, 5_000)
         } else {
