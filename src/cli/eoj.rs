@@ -28,17 +28,7 @@ pub struct EojArgs {
 pub async fn run(config_path: &Path, args: EojArgs) -> anyhow::Result<()> {
     let config = crate::config::Config::load(config_path)?;
     super::init_logging(config.log_format, "warn");
-    let p = match &args.pipeline {
-        Some(name) => config
-            .pipelines
-            .iter()
-            .find(|p| &p.name == name)
-            .with_context(|| format!("no pipeline named {name:?} in {}", config.path.display()))?,
-        None => config
-            .pipelines
-            .first()
-            .context("the config defines no pipeline")?,
-    };
+    let p = super::pick_pipeline(&config, args.pipeline.as_deref())?;
     let mut db = crate::db::connect(&config.database_url, config.connect_timeout).await?;
     let jobs = format!("{}.jobs", crate::db::quote_ident(&config.schema));
     let job = match &args.job {

@@ -2,8 +2,6 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
-
 #[derive(Debug, clap::Args)]
 pub struct FeedArgs {
     /// Pipeline whose queue to publish to (default: the first in the config).
@@ -43,17 +41,7 @@ pub async fn run(config_path: &Path, args: FeedArgs) -> anyhow::Result<()> {
         (0.0..=100.0).contains(&args.errors),
         "--errors must be a percentage between 0 and 100"
     );
-    let pipeline = match &args.pipeline {
-        Some(name) => config
-            .pipelines
-            .iter()
-            .find(|p| &p.name == name)
-            .with_context(|| format!("no pipeline named {name:?} in {}", config.path.display()))?,
-        None => config
-            .pipelines
-            .first()
-            .context("the config defines no pipeline")?,
-    };
+    let pipeline = super::pick_pipeline(&config, args.pipeline.as_deref())?;
     let opts = crate::feed::FeedOptions {
         amqp_url: config.amqp_url.clone(),
         queue: args.queue.clone().unwrap_or_else(|| pipeline.queue.clone()),

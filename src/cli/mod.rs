@@ -78,6 +78,25 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
+/// The pipeline named `name`, or the config's first when `None`.
+pub fn pick_pipeline<'c>(
+    config: &'c crate::config::Config,
+    name: Option<&str>,
+) -> anyhow::Result<&'c crate::config::PipelineConfig> {
+    use anyhow::Context;
+    match name {
+        Some(name) => config
+            .pipelines
+            .iter()
+            .find(|p| p.name == name)
+            .with_context(|| format!("no pipeline named {name:?} in {}", config.path.display())),
+        None => config
+            .pipelines
+            .first()
+            .context("the config defines no pipeline"),
+    }
+}
+
 /// Installs the tracing subscriber: `log.format` and `log.level` from the config; RUST_LOG wins.
 pub fn init_logging(format: crate::config::LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;

@@ -97,6 +97,37 @@ pub async fn consume(
     prefetch: u16,
     consumer_tag: &str,
 ) -> Result<(Channel, Consumer), SourceError> {
+    consume_with(
+        conn,
+        queue,
+        prefetch,
+        consumer_tag,
+        BasicConsumeOptions::default(),
+    )
+    .await
+}
+
+/// Consumes with `exclusive`: fails with ACCESS_REFUSED while another worker holds the queue.
+pub async fn consume_exclusive(
+    conn: &Connection,
+    queue: &str,
+    prefetch: u16,
+    consumer_tag: &str,
+) -> Result<(Channel, Consumer), SourceError> {
+    let opts = BasicConsumeOptions {
+        exclusive: true,
+        ..Default::default()
+    };
+    consume_with(conn, queue, prefetch, consumer_tag, opts).await
+}
+
+async fn consume_with(
+    conn: &Connection,
+    queue: &str,
+    prefetch: u16,
+    consumer_tag: &str,
+    opts: BasicConsumeOptions,
+) -> Result<(Channel, Consumer), SourceError> {
     let ch = |what| move |source| SourceError::Channel { what, source };
     let channel = conn.create_channel().await.map_err(ch("channel.open"))?;
     channel
@@ -107,7 +138,7 @@ pub async fn consume(
         .basic_consume(
             queue.into(),
             consumer_tag.into(),
-            BasicConsumeOptions::default(),
+            opts,
             FieldTable::default(),
         )
         .await
@@ -323,34 +354,6 @@ async fn publish_confirmed(
         });
     }
     Ok(())
-}
-
-/// Consumes with `exclusive`: fails with ACCESS_REFUSED while another worker holds the queue.
-pub async fn consume_exclusive(
-    conn: &Connection,
-    queue: &str,
-    prefetch: u16,
-    consumer_tag: &str,
-) -> Result<(Channel, Consumer), SourceError> {
-    let ch = |what| move |source| SourceError::Channel { what, source };
-    let channel = conn.create_channel().await.map_err(ch("channel.open"))?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .map_err(ch("basic.qos"))?;
-    let consumer = channel
-        .basic_consume(
-            queue.into(),
-            consumer_tag.into(),
-            BasicConsumeOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(ch("basic.consume (exclusive)"))?;
-    Ok((channel, consumer))
 }
 
 /// The publisher's message id, if it set one.
