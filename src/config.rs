@@ -324,6 +324,9 @@ impl fmt::Debug for SecretUrl {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub path: PathBuf,
+    /// True when read from `path` (`load`), so each job start re-reads it; false for a config
+    /// built from text (tests, benches, embedding).
+    pub reloadable: bool,
     pub amqp_url: SecretUrl,
     pub database_url: SecretUrl,
     /// Schema for conveyor's own objects (jobs, error tables); a checked identifier.
@@ -377,7 +380,9 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_toml(path, &text, |k| std::env::var(k).ok())
+        let mut config = Self::from_toml(path, &text, |k| std::env::var(k).ok())?;
+        config.reloadable = true;
+        Ok(config)
     }
 
     /// Parses `text` as if read from `path`; `env` supplies overrides (a seam for tests).
@@ -632,6 +637,7 @@ impl RawConfig {
         }
         Ok(Config {
             path: path.to_path_buf(),
+            reloadable: false,
             amqp_url: SecretUrl::new(amqp_url),
             database_url: SecretUrl::new(database_url),
             schema: self.database.schema,

@@ -13,12 +13,16 @@ use crate::config::{Config, PipelineConfig};
 
 /// The parameters for the next job of `current`'s pipeline.
 pub async fn for_next_job(
-    path: &Path,
-    schema: &str,
+    config: &Config,
     current: &PipelineConfig,
     conn: &mut PgConnection,
 ) -> PipelineConfig {
-    let mut p = from_file(path, current);
+    let schema = config.schema.as_str();
+    let mut p = if config.reloadable {
+        from_file(&config.path, current)
+    } else {
+        current.clone()
+    };
     if let Err(e) = apply_overrides(&mut p, schema, conn).await {
         warn!(pipeline = %p.name, error = %e, "cannot read conveyor.config overrides; using the file's values");
     }

@@ -148,7 +148,7 @@ impl Job {
     async fn init(ctx: &SlotContext, p: &mut PipelineConfig) -> Result<Job, WorkerError> {
         let config = &ctx.config;
         let mut control = crate::db::connect(&config.database_url, config.connect_timeout).await?;
-        *p = crate::params::for_next_job(&config.path, &config.schema, p, &mut control).await;
+        *p = crate::params::for_next_job(config, p, &mut control).await;
         let jobs = Jobs::new(&config.schema);
         let stale = jobs
             .close_stale(&mut control, &p.name, ctx.slot)
