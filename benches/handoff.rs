@@ -1,7 +1,7 @@
 //! Handoff benchmark: the gap between the last delivery of a job and the first delivery of the
 //! next, over many rotations under load (DESIGN §3; the seed achieved < 2 s).
 //!
-//! The daemon runs in-process with `rotate_every = 150ms` while 200,000 rows are fed at 5,000
+//! The daemon runs as a child process with `rotate_every = 150ms` while 200,000 rows are fed at 5,000
 //! rows/s; each handoff's gap is read back from `jobs.handoff_gap_ms`. Prints min / p50 / p99 /
 //! max and writes `target/bench/handoff.json`. `cargo bench --bench handoff`; under `cargo test
 //! --all-targets` a short smoke run checks that gaps are recorded and rows load once.
@@ -9,8 +9,6 @@
 mod common;
 
 use std::time::Duration;
-
-use tokio_util::sync::CancellationToken;
 
 fn main() {
     let bench = common::is_bench();
@@ -26,12 +24,25 @@ fn main() {
         } else {
             (6_000, 2_000)
         };
-        let config = common::config(
-            &w,
-            "rotate_every = \"150ms\"\nlatency_ms = 20\nidle_eoj = \"0s\"",
-        );
-        let shutdown = CancellationToken::new();
-        let daemon = tokio::spawn(conveyor::daemon::run(config, shutdown.clone()));
+        // The daemon runs as its own process, as in production: the feed here must not share
+        // its runtime (in-process, the feed's pacing and the workers competed for two threads).
+        let path = std::env::temp_dir().join(format!("{}.toml", w.schema));
+        std::fs::write(
+            &path,
+            common::config_text(
+                &w,
+                "rotate_every = \"150ms\"\nlatency_ms = 20\nidle_eoj = \"0s\"",
+            ),
+        )
+        .expect("write config");
+        let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+            .arg("--config")
+            .arg(&path)
+            .arg("run")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn conveyor run");
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let fed = common::feed(&w, rows, rate, 0.0, 3).await;
         let count = format!("SELECT count(*) FROM {}.person", w.schema);
         for _ in 0..600 {
@@ -44,8 +55,12 @@ fn main() {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        shutdown.cancel();
-        daemon.await.expect("daemon task").expect("daemon");
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &daemon.id().to_string()])
+            .status();
+        let status = daemon.wait().expect("wait for the daemon");
+        let _ = std::fs::remove_file(&path);
+        assert!(status.success(), "daemon exit: {status}");
         let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(count.as_str()))
             .fetch_one(&mut db)
             .await

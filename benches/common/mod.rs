@@ -78,13 +78,22 @@ pub async fn connect() -> PgConnection {
 
 /// The daemon's config for `w`: defaults, plus `extra` lines in the pipeline section.
 pub fn config(w: &World, extra: &str) -> Config {
-    let text = format!(
+    Config::from_toml(
+        std::path::Path::new("bench.toml"),
+        &config_text(w, extra),
+        |_| None,
+    )
+    .expect("bench config")
+}
+
+/// The TOML text of [`config`].
+pub fn config_text(w: &World, extra: &str) -> String {
+    format!(
         "[amqp]\nurl = \"{AMQP_URL}\"\n[database]\nurl = \"{PG_URL}\"\nschema = \"{s}\"\n[http]\nlisten = \"\"\n[log]\nlevel = \"warn\"\n[report]\ndir = \"{dir}\"\n[[pipeline]]\nname = \"bench\"\nqueue = \"{q}\"\ntarget = \"{s}.person\"\nqueue_time_column = \"queue_time\"\n{extra}\n",
         s = w.schema,
         q = w.queue,
         dir = std::env::temp_dir().join(format!("{}-reports", w.schema)).display(),
-    );
-    Config::from_toml(std::path::Path::new("bench.toml"), &text, |_| None).expect("bench config")
+    )
 }
 
 /// Publishes `n` generated rows (publisher confirms) at `rate` rows/s (0 = as fast as possible).

@@ -39,6 +39,10 @@ pub struct Settings {
     pub database_url: String,
     pub amqp_url: String,
     pub max_body_bytes: u64,
+    /// Lines appended verbatim to the `[[pipeline]]` section (e.g. `rotate_every = "2s"`).
+    pub extra: String,
+    /// `[report] dir`; `None` writes no `[report]` section (the daemon's default applies).
+    pub report_dir: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -51,6 +55,8 @@ impl Default for Settings {
             database_url: PG_URL.into(),
             amqp_url: AMQP_URL.into(),
             max_body_bytes: 1 << 20,
+            extra: String::new(),
+            report_dir: None,
         }
     }
 }
@@ -111,7 +117,7 @@ listen = ""
 [log]
 format = "json"
 level = "info"
-[[pipeline]]
+{report}[[pipeline]]
 name = "person"
 queue = "{queue}"
 target = "{schema}.person"
@@ -121,6 +127,7 @@ latency_ms = {latency}
 sessions = {sessions}
 max_body_bytes = {max_body}
 queue_time_column = "queue_time"
+{extra}
 "#,
             amqp = s.amqp_url,
             db = s.database_url,
@@ -131,6 +138,12 @@ queue_time_column = "queue_time"
             latency = s.latency_ms,
             sessions = s.sessions,
             max_body = s.max_body_bytes,
+            report = s
+                .report_dir
+                .as_ref()
+                .map(|d| format!("[report]\ndir = {:?}\n", d.display().to_string()))
+                .unwrap_or_default(),
+            extra = s.extra,
         );
         let path = self.config_path();
         std::fs::write(&path, text).expect("write config");
@@ -217,6 +230,47 @@ queue_time_column = "queue_time"
             .await
             .expect("confirm");
         }
+        let _ = conn.close(200, "done".into()).await;
+    }
+
+    /// Publishes an end-of-job marker: header `x-conveyor-eoj` = `job` (a job name or `*`) and,
+    /// if given, `x-conveyor-reason` = `reason`; the body is empty.
+    pub async fn publish_marker(&self, job: &str, reason: Option<&str>) {
+        use lapin::types::{AMQPValue, FieldTable};
+        let conn = conveyor::source::connect(&SecretUrl::new(AMQP_URL), "test-publisher")
+            .await
+            .expect("amqp connect");
+        let ch = conn.create_channel().await.expect("channel");
+        conveyor::source::declare_queue(&ch, &self.queue, QueueDeclare::Quorum)
+            .await
+            .expect("declare");
+        ch.confirm_select(Default::default())
+            .await
+            .expect("confirms");
+        let mut headers = FieldTable::default();
+        headers.insert(
+            conveyor::source::EOJ_HEADER.into(),
+            AMQPValue::LongString(job.into()),
+        );
+        if let Some(r) = reason {
+            headers.insert(
+                conveyor::source::REASON_HEADER.into(),
+                AMQPValue::LongString(r.into()),
+            );
+        }
+        ch.basic_publish(
+            "".into(),
+            self.queue.as_str().into(),
+            BasicPublishOptions::default(),
+            b"",
+            BasicProperties::default()
+                .with_headers(headers)
+                .with_delivery_mode(2),
+        )
+        .await
+        .expect("publish marker")
+        .await
+        .expect("confirm marker");
         let _ = conn.close(200, "done".into()).await;
     }
 
