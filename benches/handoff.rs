@@ -20,7 +20,7 @@ fn main() {
         // 40 s at 5,000 rows/s. Job names have one-second resolution, so a slot starts at most
         // one job per second: about two handoffs a second, ≥ 50 in the run.
         let (rows, rate) = if bench {
-            (75_000, 5_000)
+            (200_000, 5_000)
         } else {
             (6_000, 2_000)
         };

@@ -43,6 +43,8 @@ pub struct Settings {
     pub extra: String,
     /// `[report] dir`; `None` writes no `[report]` section (the daemon's default applies).
     pub report_dir: Option<PathBuf>,
+    /// `[[pipeline]] name` (it is part of every job name); default `person`.
+    pub pipeline: String,
 }
 
 impl Default for Settings {
@@ -57,6 +59,7 @@ impl Default for Settings {
             max_body_bytes: 1 << 20,
             extra: String::new(),
             report_dir: None,
+            pipeline: "person".into(),
         }
     }
 }
@@ -118,7 +121,7 @@ listen = ""
 format = "json"
 level = "info"
 {report}[[pipeline]]
-name = "person"
+name = "{pipeline}"
 queue = "{queue}"
 target = "{schema}.person"
 prefetch = {prefetch}
@@ -144,6 +147,7 @@ queue_time_column = "queue_time"
                 .map(|d| format!("[report]\ndir = {:?}\n", d.display().to_string()))
                 .unwrap_or_default(),
             extra = s.extra,
+            pipeline = s.pipeline,
         );
         let path = self.config_path();
         std::fs::write(&path, text).expect("write config");
