@@ -168,22 +168,33 @@ impl Jobs {
         Ok(r.rows_affected())
     }
 
-    /// Records that the job now owns the queue (its first delivery).
+    /// Records that the job now owns the queue (its first delivery), with the handoff gap if
+    /// `handoff` names the job that owned the queue just before. Another process may have held
+    /// the queue in between, so the gap is kept only if `handoff.previous` is the pipeline's most
+    /// recently activated other job. Returns the gap stored.
     pub async fn activated(
         &self,
         conn: &mut PgConnection,
         job: &str,
-        handoff_gap_ms: Option<f64>,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE {} SET phase = 'active', activated_at = clock_timestamp(), handoff_gap_ms = $2 WHERE job_name = $1",
-            self.table
+        pipeline: &str,
+        handoff: Option<(&str, f64)>,
+    ) -> Result<Option<f64>, sqlx::Error> {
+        let (previous, gap_ms) = handoff.unzip();
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "UPDATE {t} SET phase = 'active', activated_at = clock_timestamp(),
+                    handoff_gap_ms = CASE WHEN $3::text = (
+                        SELECT job_name FROM {t} WHERE pipeline = $2 AND job_name <> $1
+                          AND activated_at IS NOT NULL ORDER BY activated_at DESC LIMIT 1)
+                        THEN $4::float8 END
+             WHERE job_name = $1 RETURNING handoff_gap_ms",
+            t = self.table
         )))
         .bind(job)
-        .bind(handoff_gap_ms)
-        .execute(conn)
-        .await?;
-        Ok(())
+        .bind(pipeline)
+        .bind(previous)
+        .bind(gap_ms)
+        .fetch_one(conn)
+        .await
     }
 
     pub async fn update(

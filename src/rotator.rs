@@ -28,12 +28,28 @@ use crate::source;
 pub struct PipelineState {
     active: Mutex<Option<Active>>,
     /// When and why the last job of this pipeline (in this process) saw its last delivery.
-    last_end: Mutex<Option<(Instant, EndReason)>>,
+    last_end: Mutex<Option<LastEnd>>,
     /// Set by a priority EOJ: the job that takes over runs with the priority pack/sessions.
     boost_next: AtomicBool,
     /// Workers registered with the broker and not yet active. Ending a job while this is 0
     /// leaves the queue unowned until the partner finishes initialising, so the rotator waits.
     standbys: std::sync::atomic::AtomicUsize,
+}
+
+/// The end of the last local job, the start of a handoff.
+#[derive(Debug, Clone)]
+struct LastEnd {
+    job: String,
+    at: Instant,
+    reason: EndReason,
+}
+
+/// A handoff as seen by the job that took over: the job it (probably) followed and the gap.
+/// "Probably": another process may have held the queue in between; `Jobs::activated` checks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handoff {
+    pub previous: String,
+    pub gap: Duration,
 }
 
 /// The job that owns the queue, as the rotator needs it.
@@ -55,7 +71,7 @@ impl PipelineState {
         job: &str,
         rotate_every: Option<Duration>,
         depth_threshold: Option<u64>,
-    ) -> Option<Duration> {
+    ) -> Option<Handoff> {
         let now = Instant::now();
         if let Ok(mut a) = self.active.lock() {
             *a = Some(Active {
@@ -68,9 +84,12 @@ impl PipelineState {
             });
         }
         let last = self.last_end.lock().ok().and_then(|mut l| l.take())?;
-        match last.1 {
+        match last.reason {
             EndReason::Idle | EndReason::Shutdown | EndReason::Error => None,
-            _ => Some(now.saturating_duration_since(last.0)),
+            _ => Some(Handoff {
+                previous: last.job,
+                gap: now.saturating_duration_since(last.at),
+            }),
         }
     }
 
@@ -83,7 +102,11 @@ impl PipelineState {
             }
         }
         if let Ok(mut l) = self.last_end.lock() {
-            *l = Some((Instant::now(), reason));
+            *l = Some(LastEnd {
+                job: job.to_string(),
+                at: Instant::now(),
+                reason,
+            });
         }
     }
 
@@ -203,6 +226,10 @@ pub async fn run(
                     }
                 }
             }
+            // Shutdown may have begun while this tick ran: a marker now would outlive the job.
+            if cancel.is_cancelled() {
+                continue;
+            }
             let Some((job, reason)) = state.due(depth) else {
                 continue;
             };
@@ -210,6 +237,7 @@ pub async fn run(
                 EndReason::Priority => {
                     let msg = source::Control {
                         pipeline: p.name.clone(),
+                        queue: p.queue.clone(),
                         job: job.clone(),
                         reason: reason.as_str().into(),
                     };

@@ -225,13 +225,9 @@ impl Job {
     /// The job's first delivery: it owns the queue now.
     async fn activate(&mut self, ctx: &SlotContext, p: &PipelineConfig) -> bool {
         self.active = true;
-        let gap = ctx
+        let handoff = ctx
             .state
             .activated(&self.name, p.rotate_every, p.depth_threshold);
-        if let Some(g) = gap {
-            crate::metrics::handoff_gap(&p.name, g.as_secs_f64());
-            self.handoff_gap_ms = Some(g.as_secs_f64() * 1000.0);
-        }
         let boosted = ctx.state.take_boost();
         if boosted {
             if let Some(pack) = p.priority_pack {
@@ -239,13 +235,21 @@ impl Job {
             }
         }
         crate::metrics::active_worker(&p.name, ctx.slot, true);
-        info!(pipeline = %p.name, slot = ctx.slot, job = %self.name, handoff_gap_ms = self.handoff_gap_ms, boosted, "job active");
-        let (jobs, name, gap_ms) = (self.jobs.clone(), self.name.clone(), self.handoff_gap_ms);
+        let (jobs, name) = (self.jobs.clone(), self.name.clone());
+        let claimed = handoff
+            .as_ref()
+            .map(|h| (h.previous.as_str(), h.gap.as_secs_f64() * 1000.0));
         if let Some(c) = self.control().await {
-            if let Err(e) = jobs.activated(c, &name, gap_ms).await {
-                warn!(job = %name, error = %e, "could not mark the job active");
+            match jobs.activated(c, &name, &p.name, claimed).await {
+                Ok(gap_ms) => self.handoff_gap_ms = gap_ms,
+                Err(e) => warn!(job = %name, error = %e, "could not mark the job active"),
             }
         }
+        if let Some(g) = self.handoff_gap_ms {
+            crate::metrics::handoff_gap(&p.name, g / 1000.0);
+        }
+        info!(pipeline = %p.name, slot = ctx.slot, job = %self.name, handoff_gap_ms = self.handoff_gap_ms, boosted, "job active");
+        let gap_ms = self.handoff_gap_ms;
         self.report
             .event(
                 "PhaseBegin",

@@ -65,6 +65,7 @@ pub async fn run(config_path: &Path, args: EojArgs) -> anyhow::Result<()> {
     if args.priority {
         let msg = crate::source::Control {
             pipeline: p.name.clone(),
+            queue: p.queue.clone(),
             job: job.clone(),
             reason: EndReason::Priority.as_str().into(),
         };

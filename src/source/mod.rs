@@ -240,6 +240,9 @@ pub async fn publish_marker(
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Control {
     pub pipeline: String,
+    /// The pipeline's queue: the exchange is broker-wide, and two deployments may share
+    /// pipeline names (and, within a second, job names); the queue tells them apart.
+    pub queue: String,
     /// The job to end now, or `*`.
     pub job: String,
     pub reason: String,

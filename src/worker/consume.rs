@@ -43,6 +43,10 @@ struct Registered {
     conn: Connection,
     channel: Channel,
     consumer: Consumer,
+    /// Kept for the whole job: lapin closes a channel when its last handle drops, and a
+    /// control message arriving on a closing channel is a connection error that would take the
+    /// data channel (and its acks) down with it.
+    control_channel: Channel,
     control: Consumer,
     consumer_tag: String,
     depth: u32,
@@ -109,6 +113,7 @@ impl Job {
                 conn,
                 channel,
                 mut consumer,
+                control_channel,
                 mut control,
                 consumer_tag,
                 depth,
@@ -230,9 +235,11 @@ impl Job {
             if let Some(reason) = ending {
                 ctx.state.ending(&self.name, reason);
                 // Cancel first: the broker activates the standby while this job finishes.
-                let _ = channel
-                    .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
-                    .await;
+                let _ = bounded(
+                    channel
+                        .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default()),
+                )
+                .await;
                 after_end = drain_rest(&mut consumer).await;
             }
             drop(consumer);
@@ -269,8 +276,9 @@ impl Job {
                     flight.abandoned
                 ));
             }
-            let _ = channel.close(200, "conveyor job ending".into()).await;
-            let _ = conn.close(200, "conveyor job ending".into()).await;
+            let _ = bounded(control_channel.close(200, "conveyor job ending".into())).await;
+            let _ = bounded(channel.close(200, "conveyor job ending".into())).await;
+            let _ = bounded(conn.close(200, "conveyor job ending".into())).await;
             match ending {
                 Some(reason) => break 'connection reason,
                 None if ctx.cancel.is_cancelled() => break 'connection EndReason::Shutdown,
@@ -316,7 +324,7 @@ impl Job {
                 })?;
         let depth = source::declare_queue(&declare, &p.queue, p.queue_declare).await?;
         let _ = declare.close(200, "declared".into()).await;
-        let (_control_channel, control) = source::control_consumer(&conn).await?;
+        let (control_channel, control) = source::control_consumer(&conn).await?;
         let (channel, consumer) = match p.handoff {
             Handoff::SingleActive => {
                 source::consume(&conn, &p.queue, p.prefetch, &consumer_tag).await?
@@ -354,6 +362,7 @@ impl Job {
             conn,
             channel,
             consumer,
+            control_channel,
             control,
             consumer_tag,
             depth,
@@ -467,9 +476,15 @@ impl Job {
                 crate::metrics::batch_committed(&self.target.pipeline, &c);
                 if let Some(tag) = flight.acks.committed(c.batch_id)? {
                     let opts = BasicAckOptions { multiple: true };
-                    if let Err(e) = channel.basic_ack(tag, opts).await {
+                    match bounded(channel.basic_ack(tag, opts)).await {
+                        Some(Ok(())) => {}
                         // The channel is gone: the broker redelivers these; see ARCHITECTURE.md.
-                        warn!(job = %self.name, tag, error = %e, "ack after commit failed (channel lost); the messages will be redelivered");
+                        Some(Err(e)) => {
+                            warn!(job = %self.name, tag, error = %e, "ack after commit failed (channel lost); the messages will be redelivered")
+                        }
+                        None => {
+                            warn!(job = %self.name, tag, "ack after commit timed out; the messages may be redelivered")
+                        }
                     }
                 }
             }
@@ -492,6 +507,15 @@ async fn drain_rest(consumer: &mut Consumer) -> Option<(u64, usize)> {
         n += 1;
     }
     last.map(|t| (t, n))
+}
+
+/// Longest wait for one AMQP operation on the end path: a broker that stops answering must not
+/// wedge the worker (the job would never end and never free its slot).
+const AMQP_OP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `fut` with [`AMQP_OP_TIMEOUT`]; `None` when it timed out.
+async fn bounded<T>(fut: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::time::timeout(AMQP_OP_TIMEOUT, fut).await.ok()
 }
 
 /// The broker's answer while another worker holds the queue exclusively.

@@ -323,21 +323,22 @@ queue_time_column = "queue_time"
         .fetch_all(&mut db)
         .await
         .expect("list error tables");
-        if tables.is_empty() {
-            return Vec::new();
+        // One table at a time: a job drops its error table at its end if it stayed empty, which
+        // can happen between listing and reading (rotation); a vanished table counts nothing.
+        let mut counts = std::collections::BTreeMap::<String, i64>::new();
+        for t in tables {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT code, count(*)::int8 AS n FROM {}.\"{t}\" GROUP BY code",
+                self.schema
+            )))
+            .fetch_all(&mut db)
+            .await
+            .unwrap_or_default();
+            for r in rows {
+                *counts.entry(r.get("code")).or_default() += r.get::<i64, _>("n");
+            }
         }
-        let union = tables
-            .iter()
-            .map(|t| format!("SELECT code FROM {}.\"{t}\"", self.schema))
-            .collect::<Vec<_>>()
-            .join(" UNION ALL ");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT code, count(*)::int8 AS n FROM ({union}) e GROUP BY code ORDER BY code"
-        )))
-        .fetch_all(&mut db)
-        .await
-        .expect("count error codes");
-        rows.iter().map(|r| (r.get("code"), r.get("n"))).collect()
+        counts.into_iter().collect()
     }
 
     /// All error rows: (code, raw bytes, message), for content checks.
