@@ -594,6 +594,11 @@ impl RawConfig {
             }
             if p.priority_pack.is_some_and(|v| v == 0 || v > 100_000) {
                 problems.push(format!("{at}.priority_pack must be between 1 and 100000"));
+            } else if p.priority_pack.is_some_and(|v| v > u32::from(prefetch)) {
+                problems.push(format!(
+                    "{at}.priority_pack = {} is larger than prefetch = {prefetch}: its batches could never fill (raise prefetch)",
+                    p.priority_pack.unwrap_or_default()
+                ));
             }
             if p.priority_sessions.is_some_and(|v| v == 0 || v > 64) {
                 problems.push(format!("{at}.priority_sessions must be between 1 and 64"));
