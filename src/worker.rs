@@ -10,10 +10,11 @@
 //! `on_outcome`, for a tag that `AckTracker` proves is covered by committed batches.
 //!
 //! End of job (marker, idle, max rows, priority control, shutdown), in this order: note the end
-//! in the pipeline state → cancel the consumer (the broker activates the standby) → requeue
-//! every delivery received after the end point → seal the open batch (the marker rides in it, so
-//! it is acked with the rows before it) → wait for every batch in flight → ack → close the
-//! channel → close the job row and report.
+//! in the pipeline state → seal the open batch (the marker rides in it, so it is acked with the
+//! rows before it) → wait for every batch in flight → ack → cancel the consumer (the broker
+//! activates the standby) → requeue every delivery received after the end point → close the
+//! channels → close the job row and report. Acks go out before the cancel because a quorum queue
+//! did not always honour an ack sent after it (ARCHITECTURE.md, "End of job").
 
 mod consume;
 

@@ -231,19 +231,12 @@ impl Job {
                 Stop::Shutdown => Some(EndReason::Shutdown),
                 Stop::Lost => None,
             };
-            let mut after_end = None;
             if let Some(reason) = ending {
                 ctx.state.ending(&self.name, reason);
-                // Cancel first: the broker activates the standby while this job finishes.
-                let _ = bounded(
-                    channel
-                        .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default()),
-                )
-                .await;
-                after_end = drain_rest(&mut consumer).await;
             }
-            drop(consumer);
-            drop(control);
+            // Commit and ack everything up to the end point *before* cancelling: an ack sent
+            // after basic.cancel was sometimes not honoured by a single-active-consumer quorum
+            // queue (RabbitMQ 3.10): the last batch came back to the next job as duplicates.
             if let Some(b) = self.packer.seal() {
                 self.dispatch(b, &batch_tx, &mut outcomes, &channel, &mut flight)
                     .await?;
@@ -254,6 +247,18 @@ impl Job {
                     None => break,
                 }
             }
+            let mut after_end = None;
+            if ending.is_some() {
+                // Now the broker may activate the standby.
+                let _ = bounded(
+                    channel
+                        .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default()),
+                )
+                .await;
+                after_end = drain_rest(&mut consumer).await;
+            }
+            drop(consumer);
+            drop(control);
             if let Some((last_tag, n)) = after_end {
                 // Everything up to the end point is acked now, so one `multiple` nack returns
                 // exactly the deliveries received after it (plus any abandoned batch).
@@ -261,12 +266,12 @@ impl Job {
                     multiple: true,
                     requeue: true,
                 };
-                match channel.basic_nack(last_tag, opts).await {
-                    Ok(()) => {
+                match bounded(channel.basic_nack(last_tag, opts)).await {
+                    Some(Ok(())) => {
                         info!(job = %self.name, requeued = n, "requeued deliveries received after the end of the job")
                     }
-                    Err(e) => {
-                        warn!(job = %self.name, error = %e, "requeue failed; closing the channel returns them instead")
+                    _ => {
+                        warn!(job = %self.name, "requeue failed; closing the channel returns them instead")
                     }
                 }
             }
