@@ -20,9 +20,11 @@ use crate::source::{self, acks::AckTracker};
 
 /// How often the job's row in `jobs` gets its counters refreshed while it runs.
 const COUNTS_INTERVAL: Duration = Duration::from_secs(10);
-/// After the consumer is cancelled, deliveries the client already holds arrive at once; this
-/// bounds the wait for the last of them.
-const DRAIN_WAIT: Duration = Duration::from_millis(20);
+/// After cancel-ok every delivery the broker sent on the consumer is already in the client's
+/// buffer (frames on a channel are ordered), so draining needs no real wait; this only covers
+/// the hop from lapin's I/O thread. It sits inside the handoff gap: the queue hands over to the
+/// standby once the cancelled consumer's deliveries are returned.
+const DRAIN_WAIT: Duration = Duration::from_millis(2);
 
 /// What one delivery means for the job.
 enum Step {
