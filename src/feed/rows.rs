@@ -1,0 +1,671 @@
+//! Row generation for the feed: seed-like `person` rows (seeds/001's 33-column table) and the
+//! five seed error kinds. Pure and deterministic from the RNG, so benches can reuse it.
+
+use rand::Rng;
+
+use super::BadKind;
+use super::PERSON_BODY_KEYS;
+
+// ---------------------------------------------------------------------------------------------
+// Row generation
+// ---------------------------------------------------------------------------------------------
+
+const MALE_NAMES: &[&str] = &[
+    "James",
+    "Robert",
+    "John",
+    "Michael",
+    "David",
+    "William",
+    "Richard",
+    "Joseph",
+    "Thomas",
+    "Christopher",
+    "Charles",
+    "Daniel",
+    "Matthew",
+    "Anthony",
+    "Mark",
+    "Donald",
+    "Steven",
+    "Paul",
+    "Andrew",
+    "Joshua",
+    "Kenneth",
+    "Kevin",
+    "Brian",
+    "George",
+    "Timothy",
+    "Ronald",
+    "Jason",
+    "Edward",
+    "Jeffrey",
+    "Ryan",
+    "Jacob",
+    "Gary",
+    "Nicholas",
+    "Eric",
+    "Jonathan",
+    "Stephen",
+    "Benjamin",
+    "Alexander",
+    "Maximilian",
+    "Bartholomew",
+    "Santiago",
+    "Mohammed",
+    "Hiroshi",
+];
+const FEMALE_NAMES: &[&str] = &[
+    "Mary",
+    "Patricia",
+    "Jennifer",
+    "Linda",
+    "Elizabeth",
+    "Barbara",
+    "Susan",
+    "Jessica",
+    "Sarah",
+    "Karen",
+    "Lisa",
+    "Nancy",
+    "Betty",
+    "Margaret",
+    "Sandra",
+    "Ashley",
+    "Kimberly",
+    "Emily",
+    "Donna",
+    "Michelle",
+    "Carol",
+    "Amanda",
+    "Melissa",
+    "Deborah",
+    "Stephanie",
+    "Rebecca",
+    "Sharon",
+    "Laura",
+    "Cynthia",
+    "Kathleen",
+    "Amy",
+    "Angela",
+    "Anastasia",
+    "Guadalupe",
+    "Priya",
+    "Mei",
+    "Francesca",
+    "Josephine",
+    "Evangeline",
+];
+const LAST_NAMES: &[&str] = &[
+    "Smith",
+    "Johnson",
+    "Williams",
+    "Brown",
+    "Jones",
+    "Garcia",
+    "Miller",
+    "Davis",
+    "Rodriguez",
+    "Martinez",
+    "Hernandez",
+    "Lopez",
+    "Gonzalez",
+    "Wilson",
+    "Anderson",
+    "Thomas",
+    "Taylor",
+    "Moore",
+    "Jackson",
+    "Martin",
+    "Lee",
+    "Perez",
+    "Thompson",
+    "White",
+    "Harris",
+    "Sanchez",
+    "Clark",
+    "Ramirez",
+    "Lewis",
+    "Robinson",
+    "Walker",
+    "Young",
+    "Allen",
+    "King",
+    "Wright",
+    "Scott",
+    "Torres",
+    "Nguyen",
+    "Hill",
+    "Flores",
+    "Green",
+    "Adams",
+    "Nelson",
+    "Baker",
+    "Hall",
+    "Rivera",
+    "Campbell",
+    "Mitchell",
+    "Carter",
+    "Roberts",
+    "O'Connor",
+    "Vandenberghe",
+    "Featherstonehaugh",
+    "Kowalczyk",
+    "Yamamoto",
+    "Okonkwo",
+];
+/// (city, state, zip prefix, area code, DMA code)
+const PLACES: &[(&str, &str, &str, &str, &str)] = &[
+    ("New York", "New York", "100", "212", "501"),
+    ("Brooklyn", "New York", "112", "718", "501"),
+    ("Los Angeles", "California", "900", "213", "803"),
+    ("San Diego", "California", "921", "619", "825"),
+    ("San Jose", "California", "951", "408", "807"),
+    ("San Francisco", "California", "941", "415", "807"),
+    ("Chicago", "Illinois", "606", "312", "602"),
+    ("Houston", "Texas", "770", "713", "618"),
+    ("San Antonio", "Texas", "782", "210", "641"),
+    ("Dallas", "Texas", "752", "214", "623"),
+    ("Austin", "Texas", "787", "512", "635"),
+    ("Phoenix", "Arizona", "850", "602", "753"),
+    ("Philadelphia", "Pennsylvania", "191", "215", "504"),
+    ("Pittsburgh", "Pennsylvania", "152", "412", "508"),
+    ("Jacksonville", "Florida", "322", "904", "561"),
+    ("Miami", "Florida", "331", "305", "528"),
+    ("Columbus", "Ohio", "432", "614", "535"),
+    ("Charlotte", "North Carolina", "282", "704", "517"),
+    ("Winston-Salem", "North Carolina", "271", "336", "518"),
+    ("Indianapolis", "Indiana", "462", "317", "527"),
+    ("Seattle", "Washington", "981", "206", "819"),
+    ("Denver", "Colorado", "802", "303", "751"),
+    ("Boston", "Massachusetts", "021", "617", "506"),
+    ("Nashville", "Tennessee", "372", "615", "659"),
+    ("Portland", "Oregon", "972", "503", "820"),
+    ("Las Vegas", "Nevada", "891", "702", "839"),
+    ("Minneapolis", "Minnesota", "554", "612", "613"),
+    ("Salt Lake City", "Utah", "841", "801", "770"),
+    ("Washington", "District of Columbia", "200", "202", "511"),
+    ("Albuquerque", "New Mexico", "871", "505", "790"),
+    ("Milwaukee", "Wisconsin", "532", "414", "617"),
+    ("Kansas City", "Missouri", "641", "816", "616"),
+    ("Atlanta", "Georgia", "303", "404", "524"),
+    ("New Orleans", "Louisiana", "701", "504", "622"),
+    ("Louisville", "Kentucky", "402", "502", "529"),
+];
+const STREETS: &[&str] = &[
+    "Main",
+    "Oak",
+    "Pine",
+    "Maple",
+    "Cedar",
+    "Elm",
+    "Washington",
+    "Lake",
+    "Hill",
+    "Park",
+    "Sunset",
+    "Lincoln",
+    "Jefferson",
+    "Madison",
+    "Franklin",
+    "Highland",
+    "Riverside",
+    "Chestnut",
+    "Walnut",
+    "Willow",
+    "Meadowbrook",
+    "Spring Valley",
+    "Martin Luther King Jr",
+    "Church",
+];
+const STREET_SUFFIXES: &[&str] = &[
+    "St", "Ave", "Blvd", "Rd", "Ln", "Dr", "Ct", "Way", "Pl", "Pkwy", "Terrace", "Circle",
+];
+const DIRECTIONS: &[&str] = &["", "", "", "N ", "S ", "E ", "W ", "NE ", "SW "];
+const HOME_STATUS: &[&str] = &["Own", "Rent", "Mortgage", "Lease", "With Family", "Other"];
+const MARITAL: &[&str] = &[
+    "Single",
+    "Married",
+    "Divorced",
+    "Widowed",
+    "Separated",
+    "Partnered",
+];
+const WORK_STATUS: &[&str] = &[
+    "Full-time",
+    "Part-time",
+    "Retired",
+    "Unemployed",
+    "Student",
+    "Contract",
+    "Freelance",
+];
+const EDUCATION: &[&str] = &[
+    "High School Diploma",
+    "Associate Degree",
+    "Bachelor's Degree",
+    "Master's Degree",
+    "Doctorate",
+    "Some College",
+    "Professional Degree",
+    "Trade School Certificate",
+];
+const OCCUPATIONS: &[&str] = &[
+    "Software Engineer",
+    "Registered Nurse",
+    "Accountant",
+    "Elementary School Teacher",
+    "Sales Manager",
+    "Electrician",
+    "Civil Engineer",
+    "Graphic Designer",
+    "Pharmacist",
+    "Truck Driver",
+    "Marketing Coordinator",
+    "Financial Analyst",
+    "Dental Hygienist",
+    "Construction Project Manager",
+    "Customer Service Representative",
+    "Physical Therapist",
+    "Executive Chef",
+    "Police Officer",
+    "Real Estate Agent",
+    "Data Scientist",
+    "Mechanical Engineer",
+    "Human Resources Specialist",
+    "Licensed Practical Nurse",
+    "Administrative Assistant",
+    "Heating and Air Conditioning Technician",
+];
+const ISPS: &[&str] = &[
+    "Comcast Cable",
+    "Charter Communications",
+    "AT&T Internet",
+    "Verizon Fios",
+    "Cox Communications",
+    "CenturyLink",
+    "Frontier Communications",
+    "T-Mobile Home Internet",
+    "Optimum (Altice USA)",
+    "Windstream",
+    "Mediacom",
+    "Google Fiber",
+    "Spectrum",
+    "Starlink",
+    "Xfinity",
+];
+const EMAIL_DOMAINS: &[&str] = &[
+    "gmail.com",
+    "yahoo.com",
+    "outlook.com",
+    "hotmail.com",
+    "icloud.com",
+    "aol.com",
+    "protonmail.com",
+    "comcast.net",
+    "att.net",
+    "example.org",
+];
+const EVENTS: &[&str] = &[
+    "signup",
+    "login",
+    "page_view",
+    "cart_add",
+    "purchase",
+    "newsletter",
+    "survey",
+    "support_call",
+    "referral",
+    "review",
+    "return",
+    "wishlist",
+    "coupon",
+];
+const SUFFIXES: &[&str] = &["Jr.", "Sr.", "II", "III", "IV", "MD", "PhD", "Esq."];
+
+/// (os, browser platform token, browsers allowed on it)
+const PLATFORMS: &[(&str, &str, &[&str])] = &[
+    (
+        "Windows 11",
+        "Windows NT 10.0; Win64; x64",
+        &["Chrome", "Firefox", "Edg"],
+    ),
+    (
+        "Windows 10",
+        "Windows NT 10.0; Win64; x64",
+        &["Chrome", "Firefox", "Edg"],
+    ),
+    (
+        "macOS 14.4",
+        "Macintosh; Intel Mac OS X 10_15_7",
+        &["Safari", "Chrome", "Firefox"],
+    ),
+    (
+        "macOS 13.6",
+        "Macintosh; Intel Mac OS X 10_15_7",
+        &["Safari", "Chrome"],
+    ),
+    (
+        "Ubuntu 22.04",
+        "X11; Ubuntu; Linux x86_64",
+        &["Firefox", "Chrome"],
+    ),
+    ("Fedora 39", "X11; Fedora; Linux x86_64", &["Firefox"]),
+    (
+        "iOS 17.4",
+        "iPhone; CPU iPhone OS 17_4 like Mac OS X",
+        &["Safari", "CriOS"],
+    ),
+    (
+        "Android 14",
+        "Linux; Android 14; Pixel 8",
+        &["Chrome", "Firefox"],
+    ),
+    (
+        "Android 13",
+        "Linux; Android 13; SM-S911B",
+        &["Chrome", "SamsungBrowser"],
+    ),
+    ("ChromeOS 122", "X11; CrOS x86_64 15633.69.0", &["Chrome"]),
+];
+
+fn pick<'a, R: Rng + ?Sized>(rng: &mut R, list: &[&'a str]) -> &'a str {
+    list[rng.random_range(0..list.len())]
+}
+
+fn days_in_month(year: u32, month: u32) -> u32 {
+    match month {
+        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+fn random_date<R: Rng + ?Sized>(rng: &mut R, years: std::ops::RangeInclusive<u32>) -> String {
+    let y = rng.random_range(years);
+    let m = rng.random_range(1..=12);
+    let d = rng.random_range(1..=days_in_month(y, m));
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+fn digits<R: Rng + ?Sized>(rng: &mut R, out: &mut String, n: usize) {
+    for _ in 0..n {
+        out.push(char::from(b'0' + rng.random_range(0..10u8)));
+    }
+}
+
+/// A card number with a valid Luhn check digit, grouped like "4539-1488-0343-6467"
+/// (Amex "3714-496353-98431").
+pub(super) fn card_number<R: Rng + ?Sized>(rng: &mut R, kind: &str) -> String {
+    let (prefix, len): (&str, usize) = match kind {
+        "Visa" => ("4", 16),
+        "MasterCard" => (pick(rng, &["51", "52", "53", "54", "55"]), 16),
+        "Amex" => (pick(rng, &["34", "37"]), 15),
+        "Discover" => ("6011", 16),
+        "Diners Club" => ("36", 14),
+        _ => ("35", 16), // JCB
+    };
+    let mut num = String::with_capacity(len);
+    num.push_str(prefix);
+    digits(rng, &mut num, len - prefix.len() - 1);
+    // Luhn: double every second digit from the right, counting the check digit as first.
+    let sum: u32 = num
+        .bytes()
+        .rev()
+        .enumerate()
+        .map(|(i, b)| {
+            let d = u32::from(b - b'0');
+            if i % 2 == 0 {
+                let dd = d * 2;
+                if dd > 9 {
+                    dd - 9
+                } else {
+                    dd
+                }
+            } else {
+                d
+            }
+        })
+        .sum();
+    num.push(char::from(b'0' + ((10 - sum % 10) % 10) as u8));
+    let groups: &[usize] = match len {
+        15 => &[4, 6, 5],
+        14 => &[4, 6, 4],
+        _ => &[4, 4, 4, 4],
+    };
+    let mut out = String::with_capacity(len + 3);
+    let mut at = 0;
+    for (i, g) in groups.iter().enumerate() {
+        if i > 0 {
+            out.push('-');
+        }
+        out.push_str(&num[at..at + g]);
+        at += g;
+    }
+    out
+}
+
+/// A JSON value in a generated body.
+enum Val<'a> {
+    Str(&'a str),
+    Raw(&'a str),
+}
+
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
+    for c in s.chars() {
+        match c {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            c if (c as u32) < 0x20 => {
+                out.extend_from_slice(format!("\\u{:04x}", c as u32).as_bytes());
+            }
+            c => {
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            }
+        }
+    }
+    out.push(b'"');
+}
+
+/// One generated seed-like person row as a JSON object body (pure; used by benches too).
+///
+/// `n` is the row's id number: the id is `format!("{n:020}")` (20 digits, fits `char(20)`).
+/// `bad` puts exactly one defect in the row (see [`BadKind`]); for
+/// [`BadKind::DuplicateKey`] the defect is the id, which becomes `duplicate_of` (the id number
+/// of an earlier good row) — with `duplicate_of = None` that row is not actually bad.
+/// `duplicate_of` is ignored for other kinds. The random content does not depend on `bad`:
+/// the same `rng` state gives the same row apart from the defect.
+pub fn person_row(
+    n: u64,
+    rng: &mut impl rand::Rng,
+    bad: Option<BadKind>,
+    duplicate_of: Option<u64>,
+) -> Vec<u8> {
+    let male = rng.random_bool(0.5);
+    let fname = pick(rng, if male { MALE_NAMES } else { FEMALE_NAMES });
+    let mname = pick(rng, if male { MALE_NAMES } else { FEMALE_NAMES });
+    let lname = pick(rng, LAST_NAMES);
+    let prefix = if rng.random_bool(0.08) {
+        "Dr."
+    } else if male {
+        "Mr."
+    } else {
+        pick(rng, &["Mrs.", "Ms.", "Ms."])
+    };
+    let suffix = pick(rng, SUFFIXES);
+    let age = rng.random_range(18..=89u32).to_string();
+    let income_cents: u64 = rng.random_range(1_500_000..=35_000_000);
+    let income = format!("{}.{:02}", income_cents / 100, income_cents % 100);
+    let (city, state, zip3, area, dma) = PLACES[rng.random_range(0..PLACES.len())];
+    let mut zip = String::with_capacity(10);
+    zip.push_str(zip3);
+    digits(rng, &mut zip, 2);
+    zip.push('-');
+    digits(rng, &mut zip, 4);
+    let telephone = format!(
+        "({area}) {}-{:04}",
+        rng.random_range(200..=999u32),
+        rng.random_range(0..=9999u32)
+    );
+    let address1 = format!(
+        "{} {}{} {}",
+        rng.random_range(1..=99_999u32),
+        pick(rng, DIRECTIONS),
+        pick(rng, STREETS),
+        pick(rng, STREET_SUFFIXES)
+    );
+    let address2 = match rng.random_range(0..5u32) {
+        0 => format!(
+            "Apt {}{}",
+            rng.random_range(1..=40u32),
+            pick(rng, &["A", "B", "C", "D"])
+        ),
+        1 => format!("Suite {}", rng.random_range(100..=2_500u32)),
+        2 => format!("Unit {}", rng.random_range(1..=999u32)),
+        3 => format!("PO Box {}", rng.random_range(1..=99_999u32)),
+        _ => format!("Floor {}", rng.random_range(2..=60u32)),
+    };
+    let (os, platform, browsers) = PLATFORMS[rng.random_range(0..PLATFORMS.len())];
+    let browser_name = pick(rng, browsers);
+    let version = match browser_name {
+        "Safari" => format!(
+            "{}.{}",
+            rng.random_range(15..=17u32),
+            rng.random_range(0..=6u32)
+        ),
+        "SamsungBrowser" => format!("{}.0", rng.random_range(20..=24u32)),
+        _ => format!("{}.0", rng.random_range(110..=126u32)),
+    };
+    let browser = format!("{browser_name}/{version} ({platform})");
+    let occupation = pick(rng, OCCUPATIONS);
+    let education = pick(rng, EDUCATION);
+    let credit_type = pick(
+        rng,
+        &[
+            "Visa",
+            "Visa",
+            "MasterCard",
+            "Amex",
+            "Discover",
+            "Diners Club",
+            "JCB",
+        ],
+    );
+    let creditnum = card_number(rng, credit_type);
+    let exp_year = rng.random_range(2025..=2032u32);
+    let exp_month = rng.random_range(1..=12u32);
+    let creditexp = format!(
+        "{exp_year:04}-{exp_month:02}-{:02}",
+        days_in_month(exp_year, exp_month)
+    );
+    let last_update = random_date(rng, 2018..=2025);
+    let mut events = String::with_capacity(50);
+    for _ in 0..rng.random_range(1..=4u32) {
+        let e = pick(rng, EVENTS);
+        if events.len() + e.len() + 1 > 50 {
+            break;
+        }
+        if !events.is_empty() {
+            events.push(',');
+        }
+        events.push_str(e);
+    }
+    let letters = |s: &str| -> String {
+        s.chars()
+            .filter(char::is_ascii_alphabetic)
+            .map(|c| c.to_ascii_lowercase())
+            .collect()
+    };
+    let domain = pick(rng, EMAIL_DOMAINS);
+    let sep = pick(rng, &[".", "_", ""]);
+    let mut email = format!(
+        "{}{sep}{}{}@{domain}",
+        letters(fname),
+        letters(lname),
+        rng.random_range(1..=99u32)
+    );
+    if email.len() > 55 {
+        email = format!("{}{}@{domain}", letters(&fname[..1]), letters(lname));
+    }
+
+    let id = match (bad, duplicate_of) {
+        (Some(BadKind::DuplicateKey), Some(orig)) => orig,
+        _ => n,
+    };
+    let id = format!("{id:020}");
+    let last_update = match bad {
+        Some(BadKind::InvalidDate) => "2021-02-30".to_string(),
+        _ => last_update,
+    };
+    let age = match bad {
+        Some(BadKind::LettersInInteger) => Val::Str("4x2"),
+        _ => Val::Raw(&age),
+    };
+    let income = match bad {
+        Some(BadKind::LettersInDecimal) => "12a4.50".to_string(),
+        _ => income,
+    };
+    let creditexp = match bad {
+        Some(BadKind::DateOutOfRange) => "9999999-01-01".to_string(),
+        _ => creditexp,
+    };
+
+    let fields: [(&str, Val<'_>); PERSON_BODY_KEYS] = [
+        ("id", Val::Str(&id)),
+        ("home_status", Val::Str(pick(rng, HOME_STATUS))),
+        ("age", age),
+        ("gender", Val::Str(if male { "M" } else { "F" })),
+        ("occupation", Val::Str(occupation)),
+        ("income", Val::Str(&income)),
+        ("os", Val::Str(os)),
+        ("last_update", Val::Str(&last_update)),
+        ("marital_status", Val::Str(pick(rng, MARITAL))),
+        ("zip", Val::Str(&zip)),
+        ("education", Val::Str(education)),
+        ("prefix_description", Val::Str(prefix)),
+        ("isp", Val::Str(pick(rng, ISPS))),
+        ("fname", Val::Str(fname)),
+        ("dma_lu", Val::Str(dma)),
+        ("lname", Val::Str(lname)),
+        ("browser", Val::Str(&browser)),
+        ("mname", Val::Str(mname)),
+        ("creditnum", Val::Str(&creditnum)),
+        ("suffix_description", Val::Str(suffix)),
+        ("creditexp", Val::Str(&creditexp)),
+        ("address1", Val::Str(&address1)),
+        ("work_status", Val::Str(pick(rng, WORK_STATUS))),
+        ("credit_type", Val::Str(credit_type)),
+        ("events", Val::Str(&events)),
+        ("address2", Val::Str(&address2)),
+        ("city", Val::Str(city)),
+        ("telephone", Val::Str(&telephone)),
+        ("email", Val::Str(&email)),
+        ("state", Val::Str(state)),
+        ("country", Val::Str("United States")),
+    ];
+    let mut out = Vec::with_capacity(900);
+    out.push(b'{');
+    let mut first = true;
+    for (key, val) in &fields {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        push_json_str(&mut out, key);
+        out.push(b':');
+        match val {
+            Val::Str(s) => push_json_str(&mut out, s),
+            Val::Raw(s) => out.extend_from_slice(s.as_bytes()),
+        }
+    }
+    out.push(b'}');
+    out
+}
