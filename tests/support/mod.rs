@@ -45,6 +45,8 @@ pub struct Settings {
     pub report_dir: Option<PathBuf>,
     /// `[[pipeline]] name` (it is part of every job name); default `person`.
     pub pipeline: String,
+    /// `[http] listen`; default "" (no listener).
+    pub http_listen: String,
 }
 
 impl Default for Settings {
@@ -60,6 +62,7 @@ impl Default for Settings {
             extra: String::new(),
             report_dir: None,
             pipeline: "person".into(),
+            http_listen: String::new(),
         }
     }
 }
@@ -116,7 +119,7 @@ url = "{db}"
 schema = "{schema}"
 connect_timeout_ms = 2000
 [http]
-listen = ""
+listen = "{http_listen}"
 [log]
 format = "json"
 level = "info"
@@ -148,6 +151,7 @@ queue_time_column = "queue_time"
                 .unwrap_or_default(),
             extra = s.extra,
             pipeline = s.pipeline,
+            http_listen = s.http_listen,
         );
         let path = self.config_path();
         std::fs::write(&path, text).expect("write config");
