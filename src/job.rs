@@ -67,6 +67,23 @@ pub struct Counts {
     pub skipped: u64,
 }
 
+/// The counters' columns, bound by [`bind_counts`] as $2..$6 after the job name ($1).
+const COUNTS_SET: &str =
+    "rows_read = $2, rows_inserted = $3, rows_rejected = $4, batches = $5, rows_skipped = $6";
+
+fn bind_counts<'q>(
+    q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    job: &'q str,
+    c: &Counts,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    q.bind(job)
+        .bind(c.read as i64)
+        .bind(c.inserted as i64)
+        .bind(c.rejected as i64)
+        .bind(c.batches as i64)
+        .bind(c.skipped as i64)
+}
+
 /// How a job ended, as recorded in its row.
 #[derive(Debug, Clone, Copy)]
 pub struct JobEnd<'a> {
@@ -203,18 +220,10 @@ impl Jobs {
         job: &str,
         c: &Counts,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE {} SET rows_read = $2, rows_inserted = $3, rows_rejected = $4, batches = $5
-             WHERE job_name = $1",
-            self.table
-        )))
-        .bind(job)
-        .bind(c.read as i64)
-        .bind(c.inserted as i64)
-        .bind(c.rejected as i64)
-        .bind(c.batches as i64)
-        .execute(conn)
-        .await?;
+        let sql = format!("UPDATE {} SET {COUNTS_SET} WHERE job_name = $1", self.table);
+        bind_counts(sqlx::query(sqlx::AssertSqlSafe(sql)), job, c)
+            .execute(conn)
+            .await?;
         Ok(())
     }
 
@@ -225,25 +234,20 @@ impl Jobs {
         c: &Counts,
         end: &JobEnd<'_>,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE {} SET rows_read = $2, rows_inserted = $3, rows_rejected = $4, batches = $5,
-                    status = $6, end_reason = $7, error = $8, ended_at = clock_timestamp(), phase = 'ended',
-                    rows_skipped = $9, last_delivery_at = to_timestamp($10::float8 / 1e6)
+        let sql = format!(
+            "UPDATE {} SET {COUNTS_SET},
+                    status = $7, end_reason = $8, error = $9, ended_at = clock_timestamp(), phase = 'ended',
+                    last_delivery_at = to_timestamp($10::float8 / 1e6)
              WHERE job_name = $1",
             self.table
-        )))
-        .bind(job)
-        .bind(c.read as i64)
-        .bind(c.inserted as i64)
-        .bind(c.rejected as i64)
-        .bind(c.batches as i64)
-        .bind(end.status)
-        .bind(end.reason.as_str())
-        .bind(end.error)
-        .bind(c.skipped as i64)
-        .bind(end.last_delivery_us)
-        .execute(conn)
-        .await?;
+        );
+        bind_counts(sqlx::query(sqlx::AssertSqlSafe(sql)), job, c)
+            .bind(end.status)
+            .bind(end.reason.as_str())
+            .bind(end.error)
+            .bind(end.last_delivery_us)
+            .execute(conn)
+            .await?;
         Ok(())
     }
 }

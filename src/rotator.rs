@@ -177,13 +177,7 @@ pub async fn run(
         let opened = async {
             let conn =
                 source::connect(&config.amqp_url, &format!("conveyor-rotator-{}", p.name)).await?;
-            let ch =
-                conn.create_channel()
-                    .await
-                    .map_err(|source| source::SourceError::Channel {
-                        what: "channel.open",
-                        source,
-                    })?;
+            let ch = source::open_channel(&conn).await?;
             Ok::<_, source::SourceError>((conn, ch))
         };
         let (conn, channel) = tokio::select! {

@@ -42,6 +42,16 @@ pub async fn connect(url: &SecretUrl, name: &str) -> Result<Connection, SourceEr
         })
 }
 
+/// Opens a channel on `conn`.
+pub async fn open_channel(conn: &Connection) -> Result<Channel, SourceError> {
+    conn.create_channel()
+        .await
+        .map_err(|source| SourceError::Channel {
+            what: "channel.open",
+            source,
+        })
+}
+
 /// Queue arguments for `declare`: durable with single-active-consumer, so that a second worker
 /// (or process) on the same queue waits as standby instead of sharing deliveries.
 pub fn queue_arguments(declare: QueueDeclare) -> FieldTable {
@@ -129,7 +139,7 @@ async fn consume_with(
     opts: BasicConsumeOptions,
 ) -> Result<(Channel, Consumer), SourceError> {
     let ch = |what| move |source| SourceError::Channel { what, source };
-    let channel = conn.create_channel().await.map_err(ch("channel.open"))?;
+    let channel = open_channel(conn).await?;
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await
@@ -287,7 +297,7 @@ pub async fn publish_control(channel: &Channel, msg: &Control) -> Result<(), Sou
 pub async fn control_consumer(conn: &Connection) -> Result<(Channel, Consumer), SourceError> {
     use lapin::options::QueueBindOptions;
     let ch = |what| move |source| SourceError::Channel { what, source };
-    let channel = conn.create_channel().await.map_err(ch("channel.open"))?;
+    let channel = open_channel(conn).await?;
     declare_control(&channel).await?;
     let q = channel
         .queue_declare(

@@ -322,13 +322,7 @@ impl Job {
             self.name
         );
         let conn = source::connect(&ctx.config.amqp_url, &consumer_tag).await?;
-        let declare =
-            conn.create_channel()
-                .await
-                .map_err(|source| source::SourceError::Channel {
-                    what: "channel.open",
-                    source,
-                })?;
+        let declare = source::open_channel(&conn).await?;
         let depth = source::declare_queue(&declare, &p.queue, p.queue_declare).await?;
         let _ = declare.close(200, "declared".into()).await;
         let (control_channel, control) = source::control_consumer(&conn).await?;
