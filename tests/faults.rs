@@ -20,12 +20,7 @@ async fn database_cut_mid_load_is_survived_without_loss_or_duplicates() {
         ..Settings::default()
     };
     let mut daemon = env.spawn(&settings);
-    env.wait_for(
-        "the load to be under way",
-        Duration::from_secs(60),
-        || async { env.loaded().await.0 > 2_000 },
-    )
-    .await;
+    env.wait_rows_over(2_000).await;
     proxy.cut();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let during = env.loaded().await.0;
@@ -63,12 +58,7 @@ async fn kill9_while_batches_wait_on_a_table_lock_acks_nothing_uncommitted() {
         ..Settings::default()
     };
     let mut daemon = env.spawn(&settings);
-    env.wait_for(
-        "the load to be under way",
-        Duration::from_secs(60),
-        || async { env.loaded().await.0 > 2_000 },
-    )
-    .await;
+    env.wait_rows_over(2_000).await;
     // Hold an exclusive lock: every batch transaction now waits inside COPY.
     let mut locker = support::pg().await;
     let mut tx = sqlx::Connection::begin(&mut locker).await.expect("begin");
@@ -124,12 +114,7 @@ async fn broker_cut_mid_load_reconnects_and_loads_every_row() {
         ..Settings::default()
     };
     let mut daemon = env.spawn(&settings);
-    env.wait_for(
-        "the load to be under way",
-        Duration::from_secs(60),
-        || async { env.loaded().await.0 > 2_000 },
-    )
-    .await;
+    env.wait_rows_over(2_000).await;
     proxy.cut();
     tokio::time::sleep(Duration::from_secs(1)).await;
     proxy.restore();

@@ -53,12 +53,7 @@ async fn sigterm_mid_load_exits_zero_and_loses_nothing() {
         ..Settings::default()
     };
     let mut daemon = env.spawn(&settings);
-    env.wait_for(
-        "the load to be under way",
-        Duration::from_secs(60),
-        || async { env.loaded().await.0 > 2_000 },
-    )
-    .await;
+    env.wait_rows_over(2_000).await;
     daemon.sigterm();
     assert_eq!(
         daemon.wait_exit(Duration::from_secs(30)).await,

@@ -213,8 +213,8 @@ queue_time_column = "queue_time"
         .expect("feed")
     }
 
-    /// Publishes raw bodies (with an `x-queue-time` header) to the test queue.
-    pub async fn publish_raw(&self, bodies: &[Vec<u8>]) {
+    /// A connection and a confirm-mode channel on which the test queue is declared.
+    async fn publisher(&self) -> (lapin::Connection, lapin::Channel) {
         let conn = conveyor::source::connect(&SecretUrl::new(AMQP_URL), "test-publisher")
             .await
             .expect("amqp connect");
@@ -225,6 +225,12 @@ queue_time_column = "queue_time"
         ch.confirm_select(Default::default())
             .await
             .expect("confirms");
+        (conn, ch)
+    }
+
+    /// Publishes raw bodies (no headers) to the test queue.
+    pub async fn publish_raw(&self, bodies: &[Vec<u8>]) {
+        let (conn, ch) = self.publisher().await;
         for body in bodies {
             ch.basic_publish(
                 "".into(),
@@ -241,44 +247,16 @@ queue_time_column = "queue_time"
         let _ = conn.close(200, "done".into()).await;
     }
 
-    /// Publishes an end-of-job marker: header `x-conveyor-eoj` = `job` (a job name or `*`) and,
-    /// if given, `x-conveyor-reason` = `reason`; the body is empty.
+    /// Publishes an end-of-job marker for `job` (a job name or `*`) with `reason` (default
+    /// `manual`), the way the rotator and `conveyor eoj` do.
     pub async fn publish_marker(&self, job: &str, reason: Option<&str>) {
-        use lapin::types::{AMQPValue, FieldTable};
-        let conn = conveyor::source::connect(&SecretUrl::new(AMQP_URL), "test-publisher")
+        let reason = reason
+            .map(|r| conveyor::job::EndReason::parse(r).expect("a valid end reason"))
+            .unwrap_or(conveyor::job::EndReason::Manual);
+        let (conn, ch) = self.publisher().await;
+        conveyor::source::publish_marker(&ch, &self.queue, job, reason)
             .await
-            .expect("amqp connect");
-        let ch = conn.create_channel().await.expect("channel");
-        conveyor::source::declare_queue(&ch, &self.queue, QueueDeclare::Quorum)
-            .await
-            .expect("declare");
-        ch.confirm_select(Default::default())
-            .await
-            .expect("confirms");
-        let mut headers = FieldTable::default();
-        headers.insert(
-            conveyor::source::EOJ_HEADER.into(),
-            AMQPValue::LongString(job.into()),
-        );
-        if let Some(r) = reason {
-            headers.insert(
-                conveyor::source::REASON_HEADER.into(),
-                AMQPValue::LongString(r.into()),
-            );
-        }
-        ch.basic_publish(
-            "".into(),
-            self.queue.as_str().into(),
-            BasicPublishOptions::default(),
-            b"",
-            BasicProperties::default()
-                .with_headers(headers)
-                .with_delivery_mode(2),
-        )
-        .await
-        .expect("publish marker")
-        .await
-        .expect("confirm marker");
+            .expect("publish marker");
         let _ = conn.close(200, "done".into()).await;
     }
 
@@ -320,13 +298,7 @@ queue_time_column = "queue_time"
     /// Error-table rows over every job of this test: (code, count), sorted by code.
     pub async fn error_codes(&self) -> Vec<(String, i64)> {
         let mut db = pg().await;
-        let tables: Vec<String> = sqlx::query_scalar(
-            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 AND table_name LIKE 'et\\_%'",
-        )
-        .bind(&self.schema)
-        .fetch_all(&mut db)
-        .await
-        .expect("list error tables");
+        let tables = self.error_tables(&mut db).await;
         // One table at a time: a job drops its error table at its end if it stayed empty, which
         // can happen between listing and reading (rotation); a vanished table counts nothing.
         let mut counts = std::collections::BTreeMap::<String, i64>::new();
@@ -348,13 +320,7 @@ queue_time_column = "queue_time"
     /// All error rows: (code, raw bytes, message), for content checks.
     pub async fn error_rows(&self) -> Vec<(String, Vec<u8>, String)> {
         let mut db = pg().await;
-        let tables: Vec<String> = sqlx::query_scalar(
-            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 AND table_name LIKE 'et\\_%'",
-        )
-        .bind(&self.schema)
-        .fetch_all(&mut db)
-        .await
-        .expect("list error tables");
+        let tables = self.error_tables(&mut db).await;
         let mut out = Vec::new();
         for t in tables {
             let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -370,6 +336,27 @@ queue_time_column = "queue_time"
             );
         }
         out
+    }
+
+    /// The per-job error tables (`et_<job>`) in this test's schema.
+    async fn error_tables(&self, db: &mut PgConnection) -> Vec<String> {
+        sqlx::query_scalar(
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 AND table_name LIKE 'et\\_%'",
+        )
+        .bind(&self.schema)
+        .fetch_all(db)
+        .await
+        .expect("list error tables")
+    }
+
+    /// Waits until more than `n` rows are in the target: the load is under way.
+    pub async fn wait_rows_over(&self, n: i64) {
+        self.wait_for(
+            "the load to be under way",
+            Duration::from_secs(60),
+            || async { self.loaded().await.0 > n },
+        )
+        .await;
     }
 
     /// Polls `f` every 100 ms until it returns true or `timeout` passes.
