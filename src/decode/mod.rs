@@ -9,133 +9,21 @@
 //! lets us make client-side (type, length, precision, nullability), so the database refuses only
 //! what needs its own state (unique keys, CHECK and foreign-key constraints).
 
-use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fmt;
 
-use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
-use serde_json::value::RawValue;
+use serde::de::DeserializeSeed;
 
 use crate::config::{PipelineConfig, UnknownFields};
 
+mod fields;
+mod reject;
 mod value;
+
+use fields::{FieldsSeed, Route, Scratch};
+pub use reject::{Reject, RejectKind};
 
 use value::{encode_value, parse_queue_time_json};
 pub use value::{parse_queue_time_text, parse_timestamp, write_timestamp_us};
-
-/// Why a message could not become a row. The string codes are stable: they are stored in error
-/// tables and used as metric labels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum RejectKind {
-    Oversize,
-    InvalidUtf8,
-    MalformedJson,
-    NotObject,
-    DuplicateField,
-    MissingField,
-    ExtraField,
-    NullNotAllowed,
-    NulByte,
-    WrongType,
-    TooLong,
-    InvalidInteger,
-    InvalidDecimal,
-    InvalidNumber,
-    NumericOutOfRange,
-    InvalidBoolean,
-    InvalidDate,
-    DateOutOfRange,
-    InvalidTimestamp,
-    InvalidUuid,
-    InvalidQueueTime,
-    /// The database refused the row as a duplicate of a unique key (SQLSTATE 23505).
-    DuplicateKey,
-    /// The database refused the row for another data reason (SQLSTATE classes 22 and 23).
-    DbRefused,
-}
-
-impl RejectKind {
-    pub const ALL: [RejectKind; 23] = [
-        RejectKind::Oversize,
-        RejectKind::InvalidUtf8,
-        RejectKind::MalformedJson,
-        RejectKind::NotObject,
-        RejectKind::DuplicateField,
-        RejectKind::MissingField,
-        RejectKind::ExtraField,
-        RejectKind::NullNotAllowed,
-        RejectKind::NulByte,
-        RejectKind::WrongType,
-        RejectKind::TooLong,
-        RejectKind::InvalidInteger,
-        RejectKind::InvalidDecimal,
-        RejectKind::InvalidNumber,
-        RejectKind::NumericOutOfRange,
-        RejectKind::InvalidBoolean,
-        RejectKind::InvalidDate,
-        RejectKind::DateOutOfRange,
-        RejectKind::InvalidTimestamp,
-        RejectKind::InvalidUuid,
-        RejectKind::InvalidQueueTime,
-        RejectKind::DuplicateKey,
-        RejectKind::DbRefused,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RejectKind::Oversize => "oversize",
-            RejectKind::InvalidUtf8 => "invalid_utf8",
-            RejectKind::MalformedJson => "malformed_json",
-            RejectKind::NotObject => "not_object",
-            RejectKind::DuplicateField => "duplicate_field",
-            RejectKind::MissingField => "missing_field",
-            RejectKind::ExtraField => "extra_field",
-            RejectKind::NullNotAllowed => "null_not_allowed",
-            RejectKind::NulByte => "nul_byte",
-            RejectKind::WrongType => "wrong_type",
-            RejectKind::TooLong => "too_long",
-            RejectKind::InvalidInteger => "invalid_integer",
-            RejectKind::InvalidDecimal => "invalid_decimal",
-            RejectKind::InvalidNumber => "invalid_number",
-            RejectKind::NumericOutOfRange => "numeric_out_of_range",
-            RejectKind::InvalidBoolean => "invalid_boolean",
-            RejectKind::InvalidDate => "invalid_date",
-            RejectKind::DateOutOfRange => "date_out_of_range",
-            RejectKind::InvalidTimestamp => "invalid_timestamp",
-            RejectKind::InvalidUuid => "invalid_uuid",
-            RejectKind::InvalidQueueTime => "invalid_queue_time",
-            RejectKind::DuplicateKey => "duplicate_key",
-            RejectKind::DbRefused => "db_refused",
-        }
-    }
-}
-
-impl fmt::Display for RejectKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A message that will go to the error table instead of the target.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reject {
-    pub kind: RejectKind,
-    pub column: Option<String>,
-    pub message: String,
-    /// Set when the database refused the row.
-    pub sqlstate: Option<String>,
-}
-
-impl Reject {
-    fn new(kind: RejectKind, column: Option<&str>, message: impl Into<String>) -> Self {
-        Reject {
-            kind,
-            column: column.map(str::to_string),
-            message: message.into(),
-            sqlstate: None,
-        }
-    }
-}
 
 /// The value checks a target column gets, derived from its PostgreSQL type.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,25 +82,6 @@ pub struct Decoder {
     max_body: usize,
     /// Per-message working memory, reused so the hot path allocates nothing of its own.
     scratch: Scratch,
-}
-
-/// Reused buffers: column slots, and the field order of the previous message. Publishers
-/// almost always emit keys in the same order, so a key is first compared with the key seen at
-/// the same position last time (one memcmp) before falling back to a hashed, lower-cased lookup.
-#[derive(Debug, Default)]
-struct Scratch {
-    /// Per column: byte range of the field's raw JSON value in the body.
-    slots: Vec<Option<(usize, usize)>>,
-    shape: Vec<(Box<str>, Route)>,
-}
-
-/// Where a JSON field goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route {
-    Column(usize),
-    /// Carries the payload queue time; may also feed a column.
-    QueueTime(Option<usize>),
-    Ignore,
 }
 
 /// What decode learned about a row besides its COPY line.
@@ -445,78 +314,6 @@ impl Decoder {
         } else {
             lookup(key)
         }
-    }
-}
-
-/// Deserializes the top-level object, recording each field's raw value range in its column's slot.
-struct FieldsSeed<'d, 's> {
-    decoder: &'d Decoder,
-    /// Address of the body text: raw values are recorded as offsets from it.
-    base: usize,
-    slots: &'s mut [Option<(usize, usize)>],
-    shape: &'s mut Vec<(Box<str>, Route)>,
-    payload_qt: &'s mut Option<(usize, usize)>,
-    problem: &'s mut Option<Reject>,
-}
-
-impl<'de> DeserializeSeed<'de> for FieldsSeed<'_, '_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for FieldsSeed<'_, '_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object with one field per column")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        use serde::de::Error;
-        let mut pos = 0;
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            let value: &'de RawValue = map.next_value()?;
-            let start = value.get().as_ptr() as usize - self.base;
-            let range = (start, start + value.get().len());
-            let route = match self.shape.get(pos) {
-                Some((k, r)) if **k == *key => *r,
-                _ => match self.decoder.route(&key) {
-                    Ok(r) => {
-                        let entry = (Box::from(&*key), r);
-                        match self.shape.get_mut(pos) {
-                            Some(slot) => *slot = entry,
-                            None => self.shape.push(entry),
-                        }
-                        r
-                    }
-                    Err(r) => {
-                        *self.problem = Some(r);
-                        return Err(A::Error::custom("rejected field"));
-                    }
-                },
-            };
-            pos += 1;
-            let column = match route {
-                Route::Column(i) => Some(i),
-                Route::QueueTime(c) => {
-                    *self.payload_qt = Some(range);
-                    c
-                }
-                Route::Ignore => None,
-            };
-            if let Some(i) = column {
-                if self.slots[i].is_some() {
-                    *self.problem = Some(Reject::new(
-                        RejectKind::DuplicateField,
-                        Some(&self.decoder.columns[i].name),
-                        format!("column {:?} is given twice", self.decoder.columns[i].name),
-                    ));
-                    return Err(A::Error::custom("duplicate field"));
-                }
-                self.slots[i] = Some(range);
-            }
-        }
-        Ok(())
     }
 }
 
