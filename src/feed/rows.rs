@@ -311,3 +311,215 @@ pub fn person_row(
     out.push(b'}');
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    use super::*;
+
+    /// Column → max characters, from deploy/sql/person.sql (None: not a character column).
+    const LENGTHS: [(&str, Option<usize>); PERSON_BODY_KEYS] = [
+        ("id", Some(20)),
+        ("home_status", Some(12)),
+        ("age", None),
+        ("gender", Some(1)),
+        ("occupation", Some(50)),
+        ("income", None),
+        ("os", Some(15)),
+        ("last_update", None),
+        ("marital_status", Some(12)),
+        ("zip", Some(10)),
+        ("education", Some(24)),
+        ("prefix_description", Some(4)),
+        ("isp", Some(100)),
+        ("fname", Some(20)),
+        ("dma_lu", Some(12)),
+        ("lname", Some(20)),
+        ("browser", Some(55)),
+        ("mname", Some(20)),
+        ("creditnum", Some(20)),
+        ("suffix_description", Some(4)),
+        ("creditexp", None),
+        ("address1", Some(40)),
+        ("work_status", Some(12)),
+        ("credit_type", Some(12)),
+        ("events", Some(50)),
+        ("address2", Some(40)),
+        ("city", Some(20)),
+        ("telephone", Some(14)),
+        ("email", Some(55)),
+        ("state", Some(20)),
+        ("country", Some(20)),
+    ];
+
+    type Obj = serde_json::Map<String, serde_json::Value>;
+
+    fn parse(body: &[u8]) -> Obj {
+        match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(serde_json::Value::Object(m)) => m,
+            other => panic!(
+                "not a JSON object: {other:?}: {}",
+                String::from_utf8_lossy(body)
+            ),
+        }
+    }
+
+    fn valid_date(s: &str) -> bool {
+        s.len() == 10 && chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").is_ok()
+    }
+
+    fn valid_decimal_9_2(s: &str) -> bool {
+        let Some((int, frac)) = s.split_once('.') else {
+            return false;
+        };
+        !int.is_empty()
+            && int.len() <= 7
+            && frac.len() == 2
+            && int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+    }
+
+    /// Everything a good row must satisfy, except the id (checked by callers).
+    fn assert_good_fields(m: &Obj) {
+        assert_eq!(m.len(), PERSON_BODY_KEYS, "keys: {:?}", m.keys());
+        for (col, max) in LENGTHS {
+            let v = m.get(col).unwrap_or_else(|| panic!("missing key {col}"));
+            if let Some(max) = max {
+                let s = v
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{col} is not a string: {v}"));
+                assert!(!s.is_empty(), "{col} is empty");
+                assert!(s.chars().count() <= max, "{col} = {s:?} longer than {max}");
+            }
+        }
+        assert!(!m.contains_key("queue_time") && !m.contains_key("db_time"));
+        let age = m["age"].as_i64().expect("age is an integer");
+        assert!((0..=150).contains(&age));
+        let income = m["income"].as_str().expect("income is a string");
+        assert!(valid_decimal_9_2(income), "income {income:?}");
+        for col in ["last_update", "creditexp"] {
+            let d = m[col].as_str().expect("date is a string");
+            assert!(valid_date(d), "{col} = {d:?}");
+        }
+        assert_eq!(m["telephone"].as_str().map(str::len), Some(14));
+        assert_eq!(m["zip"].as_str().map(str::len), Some(10));
+        assert!(m["email"].as_str().is_some_and(|e| e.contains('@')));
+    }
+
+    #[test]
+    fn good_rows_fit_the_table() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut total = 0usize;
+        let rows = 2_000u64;
+        for n in 0..rows {
+            let id = 1_000_000 + n;
+            let body = person_row(id, &mut rng, None, None);
+            assert!(
+                (550..=900).contains(&body.len()),
+                "{} bytes: {}",
+                body.len(),
+                String::from_utf8_lossy(&body)
+            );
+            total += body.len();
+            let m = parse(&body);
+            assert_good_fields(&m);
+            let id_s = m["id"].as_str().expect("id is a string");
+            assert_eq!(id_s.len(), 20);
+            assert_eq!(id_s.parse::<u64>().ok(), Some(id));
+        }
+        let avg = total as u64 / rows;
+        assert!((650..=830).contains(&avg), "average body {avg} bytes");
+    }
+
+    #[test]
+    fn keys_are_the_column_names_in_order() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let body = String::from_utf8(person_row(5, &mut rng, None, None)).expect("utf-8");
+        let mut at = 0;
+        for (col, _) in LENGTHS {
+            let key = format!("\"{col}\":");
+            let pos = body[at..]
+                .find(&key)
+                .unwrap_or_else(|| panic!("{col} out of order"));
+            at += pos + key.len();
+        }
+    }
+
+    #[test]
+    fn each_bad_kind_has_exactly_its_defect() {
+        for seed in 0..50u64 {
+            let good = parse(&person_row(
+                42,
+                &mut StdRng::seed_from_u64(seed),
+                None,
+                None,
+            ));
+            for kind in BadKind::ALL {
+                let body = person_row(42, &mut StdRng::seed_from_u64(seed), Some(kind), Some(17));
+                let m = parse(&body);
+                let (col, expect) = match kind {
+                    BadKind::DuplicateKey => ("id", serde_json::json!("00000000000000000017")),
+                    BadKind::InvalidDate => ("last_update", serde_json::json!("2021-02-30")),
+                    BadKind::LettersInInteger => ("age", serde_json::json!("4x2")),
+                    BadKind::LettersInDecimal => ("income", serde_json::json!("12a4.50")),
+                    BadKind::DateOutOfRange => ("creditexp", serde_json::json!("9999999-01-01")),
+                };
+                assert_eq!(m[col], expect, "{kind:?}");
+                // Everything else is identical to the good row from the same RNG state.
+                let mut differing: Vec<&String> = m
+                    .keys()
+                    .filter(|k| m[k.as_str()] != good[k.as_str()])
+                    .collect();
+                differing.sort();
+                assert_eq!(differing, vec![col], "{kind:?}");
+                if kind == BadKind::DuplicateKey {
+                    assert_good_fields(&m);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn same_seed_same_bytes() {
+        let gen = |seed| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            (0..100u64)
+                .map(|n| person_row(n, &mut rng, None, None))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(gen(3), gen(3));
+        assert_ne!(gen(3), gen(4));
+    }
+
+    #[test]
+    fn card_numbers_pass_luhn() {
+        let mut rng = StdRng::seed_from_u64(9);
+        for kind in [
+            "Visa",
+            "MasterCard",
+            "Amex",
+            "Discover",
+            "Diners Club",
+            "JCB",
+        ] {
+            for _ in 0..50 {
+                let c = card_number(&mut rng, kind);
+                let digits: Vec<u32> = c.chars().filter_map(|ch| ch.to_digit(10)).collect();
+                let sum: u32 = digits
+                    .iter()
+                    .rev()
+                    .enumerate()
+                    .map(|(i, &d)| {
+                        if i % 2 == 1 {
+                            (d * 2) % 9 + if d == 9 { 9 } else { 0 }
+                        } else {
+                            d
+                        }
+                    })
+                    .sum();
+                assert_eq!(sum % 10, 0, "{kind} {c}");
+            }
+        }
+    }
+}
