@@ -27,10 +27,59 @@ pub enum DaemonError {
     },
     #[error("{0} worker(s) ended with an error; see the log above")]
     Workers(usize),
+    #[error("cannot read the spool of pipeline {pipeline} slot {slot}: {source}")]
+    Spool {
+        pipeline: String,
+        slot: &'static str,
+        source: crate::spool::SpoolError,
+    },
 }
 
 /// The two workers of every pipeline (DESIGN §1).
 pub const SLOTS: [&str; 2] = ["01", "02"];
+
+/// The slot's spool as the last process left it, if any.
+async fn read_spool(
+    config: &Config,
+    p: &crate::config::PipelineConfig,
+    slot: &'static str,
+) -> Result<Option<crate::spool::FileContents>, DaemonError> {
+    let path = crate::spool::spool_path(&config.state_dir, &p.name, slot);
+    let read = tokio::task::spawn_blocking(move || crate::spool::read_file(&path))
+        .await
+        .unwrap_or(Ok(None));
+    read.map_err(|source| DaemonError::Spool {
+        pipeline: p.name.clone(),
+        slot,
+        source,
+    })
+}
+
+/// Adds to the pipeline's set the identities of the messages the slot may still see again: the
+/// last `prefetch` of its spool (only those can be unacked at the broker) and those a recovery
+/// carried forward in the sidecar.
+fn remember_owned(
+    owned: &std::sync::Mutex<crate::spool::Owned>,
+    config: &Config,
+    p: &crate::config::PipelineConfig,
+    slot: &str,
+    spool: Option<&crate::spool::FileContents>,
+) {
+    let path = crate::spool::spool_path(&config.state_dir, &p.name, slot);
+    let mut ids = crate::spool::owned::load(&crate::spool::owned::sidecar_path(&path));
+    if let Some(s) = spool {
+        ids.extend(crate::spool::owned::spool_identities(
+            s,
+            &p.queue_time_header,
+            usize::from(p.prefetch),
+        ));
+    }
+    if let Ok(mut set) = owned.lock() {
+        for id in ids {
+            set.push(id);
+        }
+    }
+}
 
 /// Runs every pipeline until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
@@ -57,18 +106,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     for p in config.pipelines.iter().cloned() {
         let state = Arc::new(crate::rotator::PipelineState::default());
         let pipeline_cancel = shutdown.child_token();
+        // Both slots' spools are read before either registers, so each slot knows every message
+        // the pipeline's spools own before any redelivery can reach it.
+        let owned = Arc::new(std::sync::Mutex::new(crate::spool::Owned::new(
+            4 * usize::from(p.prefetch),
+        )));
+        let mut spools = Vec::new();
         for slot in SLOTS {
+            let spool = read_spool(&config, &p, slot).await?;
+            remember_owned(&owned, &config, &p, slot, spool.as_ref());
+            spools.push(spool);
+        }
+        for (slot, spool) in SLOTS.into_iter().zip(spools) {
             let ctx = worker::SlotContext {
                 config: config.clone(),
                 slot,
                 state: state.clone(),
                 health: health.clone(),
                 cancel: pipeline_cancel.child_token(),
+                owned: owned.clone(),
             };
             let (p, failed) = (p.clone(), failed.clone());
             tracker.spawn(async move {
                 let name = p.name.clone();
-                if let Err(e) = worker::run_slot(ctx, p).await {
+                if let Err(e) = worker::run_slot(ctx, p, spool).await {
                     error!(pipeline = %name, slot, error = %e, "worker failed");
                     failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }

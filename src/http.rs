@@ -49,7 +49,12 @@ async fn render(State(s): State<AppState>) -> String {
 }
 
 async fn ready(State(s): State<AppState>) -> (StatusCode, &'static str) {
-    if s.health.ready() {
+    if crate::metrics::failing_spools() > 0 {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: a spool cannot be written (disk full or permissions; see the log); nothing is consumed until it can\n",
+        )
+    } else if s.health.ready() {
         (StatusCode::OK, "ready\n")
     } else {
         (

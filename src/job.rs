@@ -16,6 +16,8 @@ pub enum EndReason {
     Manual,
     Shutdown,
     Error,
+    /// The process died; the next start closed the job (and loaded what its spool still held).
+    Crash,
 }
 
 impl EndReason {
@@ -28,6 +30,7 @@ impl EndReason {
             EndReason::Manual,
             EndReason::Shutdown,
             EndReason::Error,
+            EndReason::Crash,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
@@ -42,6 +45,7 @@ impl EndReason {
             EndReason::Manual => "manual",
             EndReason::Shutdown => "shutdown",
             EndReason::Error => "error",
+            EndReason::Crash => "crash",
         }
     }
 }
@@ -65,11 +69,12 @@ pub struct Counts {
     pub batches: u64,
     /// Deliveries that were not rows: end-of-job markers for other (already ended) jobs.
     pub skipped: u64,
+    /// Redeliveries of messages already owned (spool) or loaded (message_id), not loaded again.
+    pub duplicates: u64,
 }
 
-/// The counters' columns, bound by [`bind_counts`] as $2..$6 after the job name ($1).
-const COUNTS_SET: &str =
-    "rows_read = $2, rows_inserted = $3, rows_rejected = $4, batches = $5, rows_skipped = $6";
+/// The counters' columns, bound by [`bind_counts`] as $2..$7 after the job name ($1).
+const COUNTS_SET: &str = "rows_read = $2, rows_inserted = $3, rows_rejected = $4, batches = $5, rows_skipped = $6, rows_duplicate = $7";
 
 fn bind_counts<'q>(
     q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
@@ -82,6 +87,19 @@ fn bind_counts<'q>(
         .bind(c.rejected as i64)
         .bind(c.batches as i64)
         .bind(c.skipped as i64)
+        .bind(c.duplicates as i64)
+}
+
+/// What recovering a crashed job's spool did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Records loaded now (not covered by a robust mark).
+    pub loaded: u64,
+    pub inserted: u64,
+    pub rejected: u64,
+    /// Records skipped because a robust mark covers them (committed before the crash).
+    pub covered: u64,
+    pub damaged_bytes: u64,
 }
 
 /// How a job ended, as recorded in its row.
@@ -174,7 +192,7 @@ impl Jobs {
             return Ok(0);
         }
         let r = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE {} SET status = {STATUS_FAILURE}, end_reason = 'error', ended_at = clock_timestamp(),
+            "UPDATE {} SET status = {STATUS_FAILURE}, end_reason = 'crash', ended_at = clock_timestamp(),
                     phase = 'ended', error = 'the process ended without closing the job (crash or kill)'
              WHERE job_name = ANY($1) AND status = {STATUS_RUNNING}",
             self.table
@@ -214,6 +232,70 @@ impl Jobs {
         .await
     }
 
+    /// Takes over a job whose process died, to load what its spool still holds: the row is
+    /// (re)opened with `restarts + 1` under this process (inserted if it is missing, e.g. the
+    /// database was restored from a backup).
+    pub async fn recovering(
+        &self,
+        conn: &mut PgConnection,
+        job: &str,
+        pipeline: &str,
+        slot: &str,
+    ) -> Result<i32, sqlx::Error> {
+        let host = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {t} AS j (job_name, pipeline, slot, host, pid, phase, restarts)
+             VALUES ($1, $2, $3, $4, $5, 'recovery', 1)
+             ON CONFLICT (job_name) DO UPDATE SET restarts = j.restarts + 1, pid = EXCLUDED.pid,
+                    host = EXCLUDED.host, status = {STATUS_RUNNING}, phase = 'recovery',
+                    ended_at = NULL, end_reason = NULL
+             RETURNING restarts",
+            t = self.table
+        )))
+        .bind(job)
+        .bind(pipeline)
+        .bind(slot)
+        .bind(&host)
+        .bind(std::process::id() as i32)
+        .fetch_one(conn)
+        .await
+    }
+
+    /// Closes a recovered job: status 1 (everything it read is loaded now), end reason `crash`.
+    pub async fn end_recovered(
+        &self,
+        conn: &mut PgConnection,
+        job: &str,
+        r: &Recovered,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {} SET status = {STATUS_SUCCESS}, end_reason = 'crash', ended_at = clock_timestamp(),
+                    phase = 'ended', rows_recovered = rows_recovered + $2,
+                    rows_inserted = rows_inserted + $3, rows_rejected = rows_rejected + $4,
+                    rows_skipped = rows_skipped + $5,
+                    error = $6
+             WHERE job_name = $1",
+            self.table
+        )))
+        .bind(job)
+        .bind(r.loaded as i64)
+        .bind(r.inserted as i64)
+        .bind(r.rejected as i64)
+        .bind(r.covered as i64)
+        .bind(format!(
+            "the process died; pid {} recovered {} spooled rows ({} already committed, {} damaged bytes skipped)",
+            std::process::id(),
+            r.loaded,
+            r.covered,
+            r.damaged_bytes
+        ))
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
     pub async fn update(
         &self,
         conn: &mut PgConnection,
@@ -236,8 +318,8 @@ impl Jobs {
     ) -> Result<(), sqlx::Error> {
         let sql = format!(
             "UPDATE {} SET {COUNTS_SET},
-                    status = $7, end_reason = $8, error = $9, ended_at = clock_timestamp(), phase = 'ended',
-                    last_delivery_at = to_timestamp($10::float8 / 1e6)
+                    status = $8, end_reason = $9, error = $10, ended_at = clock_timestamp(), phase = 'ended',
+                    last_delivery_at = to_timestamp($11::float8 / 1e6)
              WHERE job_name = $1",
             self.table
         );

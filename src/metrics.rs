@@ -23,9 +23,18 @@ pub const JOBS: &str = "conveyor_jobs_total";
 pub const ACTIVE_WORKER: &str = "conveyor_active_worker";
 pub const HANDOFF_GAP_SECONDS: &str = "conveyor_handoff_gap_seconds";
 pub const QUEUE_DEPTH: &str = "conveyor_queue_depth";
+pub const SPOOL_BYTES: &str = "conveyor_spool_bytes";
+pub const SPOOL_FSYNC_SECONDS: &str = "conveyor_spool_fsync_seconds";
+pub const SPOOL_FAILING: &str = "conveyor_spool_failing";
+pub const CHECKPOINTS: &str = "conveyor_checkpoints_total";
+pub const RECOVERED_ROWS: &str = "conveyor_recovered_rows_total";
+pub const DUPLICATES_SKIPPED: &str = "conveyor_duplicates_skipped_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+];
+const FSYNC_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 const BATCH_ROW_BUCKETS: &[f64] = &[
     1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
@@ -47,6 +56,12 @@ pub fn install() -> PrometheusHandle {
                 })
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(BATCH_ROWS.into()), BATCH_ROW_BUCKETS)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(SPOOL_FSYNC_SECONDS.into()),
+                        FSYNC_BUCKETS,
+                    )
                 })
                 .and_then(|b| {
                     b.set_buckets_for_metric(
@@ -97,6 +112,73 @@ fn describe() {
         QUEUE_DEPTH,
         "ready messages in the pipeline's queue, as last read by the rotator"
     );
+    describe_gauge!(
+        SPOOL_BYTES,
+        Unit::Bytes,
+        "size of the slot's checkpoint spool"
+    );
+    describe_histogram!(
+        SPOOL_FSYNC_SECONDS,
+        Unit::Seconds,
+        "one group commit of the spool: write + fsync"
+    );
+    describe_gauge!(
+        SPOOL_FAILING,
+        "1 while the slot's spool cannot be written (disk full, permissions); nothing is read or acked meanwhile"
+    );
+    describe_counter!(
+        CHECKPOINTS,
+        "spool checkpoints (cut back to the oldest uncommitted record)"
+    );
+    describe_counter!(
+        RECOVERED_ROWS,
+        "spooled rows loaded at start-up after a crash (not covered by a robust mark)"
+    );
+    describe_counter!(
+        DUPLICATES_SKIPPED,
+        "redelivered messages already owned by a spool or recorded as loaded, acked and not loaded again"
+    );
+}
+
+pub fn spool_fsync(pipeline: &str, slot: &str, seconds: f64, bytes: u64) {
+    metrics::histogram!(SPOOL_FSYNC_SECONDS, "pipeline" => pipeline.to_string(), "slot" => slot.to_string()).record(seconds);
+    spool_bytes(pipeline, slot, bytes);
+}
+
+pub fn spool_bytes(pipeline: &str, slot: &str, bytes: u64) {
+    metrics::gauge!(SPOOL_BYTES, "pipeline" => pipeline.to_string(), "slot" => slot.to_string())
+        .set(bytes as f64);
+}
+
+/// Also counts failing spools for `/readyz`.
+pub fn spool_error(pipeline: &str, slot: &str, failing: bool) {
+    use std::sync::atomic::Ordering::SeqCst;
+    if failing {
+        FAILING_SPOOLS.fetch_add(1, SeqCst);
+    } else {
+        FAILING_SPOOLS.fetch_sub(1, SeqCst);
+    }
+    metrics::gauge!(SPOOL_FAILING, "pipeline" => pipeline.to_string(), "slot" => slot.to_string())
+        .set(if failing { 1.0 } else { 0.0 });
+}
+
+static FAILING_SPOOLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Number of spools whose last write failed (the daemon is not ready while any is).
+pub fn failing_spools() -> usize {
+    FAILING_SPOOLS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+pub fn checkpoint(pipeline: &str) {
+    metrics::counter!(CHECKPOINTS, "pipeline" => pipeline.to_string()).increment(1);
+}
+
+pub fn recovered_rows(pipeline: &str, n: u64) {
+    metrics::counter!(RECOVERED_ROWS, "pipeline" => pipeline.to_string()).increment(n);
+}
+
+pub fn duplicates_skipped(pipeline: &str, n: u64) {
+    metrics::counter!(DUPLICATES_SKIPPED, "pipeline" => pipeline.to_string()).increment(n);
 }
 
 pub fn messages_received(pipeline: &str, n: u64) {

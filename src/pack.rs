@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::decode::Reject;
+use crate::decode::{Decoder, Reject};
 
 /// One message that decoded into a COPY line.
 #[derive(Debug)]
@@ -20,6 +20,8 @@ pub struct GoodRow {
     pub seq: u64,
     pub queue_time_us: i64,
     pub message_id: Option<String>,
+    /// The broker had delivered this message before (`durability = "broker"` checks its id).
+    pub redelivered: bool,
 }
 
 /// One message that goes to the error table.
@@ -29,6 +31,7 @@ pub struct BadRow {
     pub seq: u64,
     pub queue_time_us: Option<i64>,
     pub message_id: Option<String>,
+    pub redelivered: bool,
     pub reject: Reject,
 }
 
@@ -54,6 +57,42 @@ pub struct Batch {
 impl Batch {
     pub fn rows(&self) -> usize {
         self.good.len() + self.bad.len()
+    }
+
+    /// Decodes one message into this batch: a COPY line and a good row, or a bad row with its
+    /// reason. `seq` becomes the batch's last sequence.
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_message(
+        &mut self,
+        decoder: &mut Decoder,
+        body: Vec<u8>,
+        seq: u64,
+        header_queue_time_us: Option<i64>,
+        received_us: i64,
+        message_id: Option<String>,
+        redelivered: bool,
+    ) {
+        let start = self.copy.len();
+        match decoder.decode(&body, header_queue_time_us, received_us, &mut self.copy) {
+            Ok(decoded) => self.good.push(GoodRow {
+                start,
+                end: self.copy.len(),
+                raw: body,
+                seq,
+                queue_time_us: decoded.queue_time_us,
+                message_id,
+                redelivered,
+            }),
+            Err(reject) => self.bad.push(BadRow {
+                raw: body,
+                seq,
+                queue_time_us: header_queue_time_us,
+                message_id,
+                redelivered,
+                reject,
+            }),
+        }
+        self.last_seq = seq;
     }
 
     /// True when the batch covers no delivery at all.
@@ -145,6 +184,7 @@ mod tests {
             seq,
             queue_time_us: 0,
             message_id: None,
+            redelivered: false,
         });
         b.last_seq = seq;
         b.last_tag = seq + 1;

@@ -85,7 +85,7 @@ impl PipelineState {
         }
         let last = self.last_end.lock().ok().and_then(|mut l| l.take())?;
         match last.reason {
-            EndReason::Idle | EndReason::Shutdown | EndReason::Error => None,
+            EndReason::Idle | EndReason::Shutdown | EndReason::Error | EndReason::Crash => None,
             _ => Some(Handoff {
                 previous: last.job,
                 gap: now.saturating_duration_since(last.at),

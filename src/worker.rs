@@ -17,6 +17,7 @@
 //! did not always honour an ack sent after it (ARCHITECTURE.md, "End of job").
 
 mod consume;
+mod recover;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,6 +53,10 @@ pub enum WorkerError {
     },
     #[error("ack bookkeeping: {0}")]
     Ack(#[from] source::acks::AckError),
+    #[error(transparent)]
+    Spool(#[from] crate::spool::SpoolError),
+    #[error("shutdown came during recovery; the spool is kept and recovered at the next start")]
+    Interrupted,
 }
 
 fn query(what: &'static str) -> impl FnOnce(sqlx::Error) -> WorkerError {
@@ -94,13 +99,41 @@ pub struct SlotContext {
     pub state: Arc<PipelineState>,
     pub health: Arc<Health>,
     pub cancel: CancellationToken,
+    /// Identities of the pipeline's recently spooled messages, shared by both slots, to
+    /// recognise redeliveries of messages a spool already owns (`spool::owned`).
+    pub owned: Arc<std::sync::Mutex<crate::spool::Owned>>,
 }
 
 /// Runs jobs in `slot` of pipeline `p` until `cancel` fires. Initialisation failures (database
 /// down, table missing) are logged and retried with backoff: nothing is consumed meanwhile.
-pub async fn run_slot(ctx: SlotContext, mut p: PipelineConfig) -> Result<(), WorkerError> {
+/// `spool` is what the slot's spool held at start-up (read by the daemon): a crashed job's
+/// records, loaded before the slot consumes anything.
+pub async fn run_slot(
+    ctx: SlotContext,
+    mut p: PipelineConfig,
+    spool: Option<crate::spool::FileContents>,
+) -> Result<(), WorkerError> {
     let mut attempt = 0;
+    let mut pending = spool;
+    let spool_path = crate::spool::spool_path(&ctx.config.state_dir, &p.name, ctx.slot);
     while !ctx.cancel.is_cancelled() {
+        if let Some(spool) = pending.take() {
+            loop {
+                match recover::recover(&ctx, &p, &spool).await {
+                    Ok(()) => break,
+                    Err(WorkerError::Interrupted) => return Ok(()),
+                    Err(e) => {
+                        attempt += 1;
+                        error!(pipeline = %p.name, slot = ctx.slot, attempt, error = %e, "cannot recover the crashed job's spool yet; retrying (this slot consumes nothing until it is done)");
+                        tokio::select! {
+                            _ = tokio::time::sleep(crate::backoff::delay(attempt)) => continue,
+                            _ = ctx.cancel.cancelled() => return Ok(()),
+                        }
+                    }
+                }
+            }
+            attempt = 0;
+        }
         let job = match Job::init(&ctx, &mut p).await {
             Ok(job) => job,
             Err(e) => {
@@ -113,8 +146,64 @@ pub async fn run_slot(ctx: SlotContext, mut p: PipelineConfig) -> Result<(), Wor
             }
         };
         attempt = 0;
-        job.run(&ctx, &p).await?;
+        if job.run(&ctx, &p).await? {
+            // The job ended with spooled rows it could not commit: load them before the next
+            // job's spool replaces the file.
+            let path = spool_path.clone();
+            pending = tokio::task::spawn_blocking(move || crate::spool::read_file(&path))
+                .await
+                .unwrap_or(Ok(None))?;
+        }
     }
+    Ok(())
+}
+
+/// Deletes this pipeline's journals older than `keep` (file modification time).
+async fn prune_journals(dir: &std::path::Path, pipeline: &str, keep: Duration) {
+    let dir = dir.to_path_buf();
+    let suffix = [
+        format!("_{pipeline}_01.journal"),
+        format!("_{pipeline}_02.journal"),
+    ];
+    let _ = tokio::task::spawn_blocking(move || {
+        let Ok(entries) = std::fs::read_dir(&dir) else { return };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !suffix.iter().any(|s| name.ends_with(s.as_str())) {
+                continue;
+            }
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > keep);
+            if old {
+                match std::fs::remove_file(e.path()) {
+                    Ok(()) => info!(path = %e.path().display(), "deleted a journal older than journal_keep"),
+                    Err(err) => warn!(path = %e.path().display(), error = %err, "could not delete an old journal"),
+                }
+            }
+        }
+    })
+    .await;
+}
+
+/// `durability = "broker"`: forgets message ids older than `keep`.
+async fn prune_loaded_ids(
+    conn: &mut PgConnection,
+    schema: &str,
+    pipeline: &str,
+    keep: Duration,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM {}.loaded_ids WHERE pipeline = $1 AND loaded_at < now() - make_interval(secs => $2)",
+        crate::db::quote_ident(schema)
+    )))
+    .bind(pipeline)
+    .bind(keep.as_secs_f64())
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -142,6 +231,31 @@ struct Job {
     report: Report,
     started: Instant,
     db_url: crate::config::SecretUrl,
+    /// The job's spool and/or journal writer (`None` with broker durability and no journal).
+    spool: Option<crate::spool::Spool>,
+    /// True when the spool owns acked messages (`durability = "spool"`).
+    spooled: bool,
+    /// Spool mode: sequences covered by committed batches (for checkpoints).
+    committed: crate::spool::RangeSet,
+    /// Spool mode: sealed batches waiting for their records' fsync before they may commit.
+    waiting: std::collections::VecDeque<crate::pack::Batch>,
+    /// Spool mode: the fsync watermark last seen.
+    durable_seq: u64,
+    /// Spool mode: the write is failing; deliveries are not read meanwhile.
+    spool_failing: bool,
+    /// Spool mode: highest sequence acked to the broker.
+    acked_seq: u64,
+    /// Spool mode: (first sequence, its delivery tag) on the current channel; tags are
+    /// consecutive per channel, so this maps every later sequence to its tag.
+    channel_base: Option<(u64, u64)>,
+    /// Spool mode: rows committed since the last checkpoint, and the sequence it cut at.
+    rows_since_checkpoint: u64,
+    checkpoint_from: u64,
+    checkpoints: u64,
+    /// The broker confirmed (channel close-ok) every ack of the job's last channel.
+    acks_settled: bool,
+    /// conveyor's own schema.
+    schema: String,
 }
 
 impl Job {
@@ -168,14 +282,19 @@ impl Job {
             .await
             .map_err(query("inserting the job row"))?;
         let cols: Vec<&str> = decoder.copy_columns().collect();
-        let target = Arc::new(Target::new(
+        let spooled = p.durability == crate::config::Durability::Spool;
+        let mut target = Target::new(
             &p.name,
             &name,
             &config.schema,
             p.target_schema.as_deref(),
             &p.target_table,
             &cols,
-        ));
+        );
+        if !spooled {
+            target = target.with_dedup(&config.schema);
+        }
+        let target = Arc::new(target);
         sink::errors::create(&mut control, &target.et_table)
             .await
             .map_err(query("creating the error table"))?;
@@ -185,6 +304,30 @@ impl Job {
             session_conns
                 .push(crate::db::connect(&config.database_url, config.connect_timeout).await?);
         }
+        let spool = if spooled || p.journal {
+            if p.journal {
+                prune_journals(&config.journal_dir, &p.name, p.journal_keep).await;
+            }
+            let opts = crate::spool::SpoolOptions {
+                spool: spooled
+                    .then(|| crate::spool::spool_path(&config.state_dir, &p.name, ctx.slot)),
+                journal: p
+                    .journal
+                    .then(|| crate::spool::journal_path(&config.journal_dir, &name)),
+                fsync_every: p.fsync_every,
+                fsync_rows: p.fsync_rows,
+                pipeline: p.name.clone(),
+                slot: ctx.slot.to_string(),
+            };
+            Some(crate::spool::Spool::open(opts, &name).await?)
+        } else {
+            if let Err(e) =
+                prune_loaded_ids(&mut control, &config.schema, &p.name, p.dedup_keep).await
+            {
+                warn!(pipeline = %p.name, error = %e, "could not prune old loaded message ids");
+            }
+            None
+        };
         let mut report = Report::new(&config.report_dir, &name);
         report
             .event(
@@ -220,16 +363,32 @@ impl Job {
             report,
             started: Instant::now(),
             db_url: config.database_url.clone(),
+            spool,
+            spooled,
+            committed: crate::spool::RangeSet::new(),
+            waiting: std::collections::VecDeque::new(),
+            durable_seq: 0,
+            spool_failing: false,
+            acked_seq: 0,
+            channel_base: None,
+            rows_since_checkpoint: 0,
+            checkpoint_from: 1,
+            checkpoints: 0,
+            acks_settled: false,
+            schema: config.schema.clone(),
         })
     }
 
     /// The job's first delivery: it owns the queue now.
     async fn activate(&mut self, ctx: &SlotContext, p: &PipelineConfig) -> bool {
         self.active = true;
+        let boosted = ctx.state.take_boost();
+        // The job a priority EOJ handed the backlog to is not ended for depth again: it is the
+        // one with the raised pack and sessions, and ending it would only churn handoffs.
+        let depth_threshold = if boosted { None } else { p.depth_threshold };
         let handoff = ctx
             .state
-            .activated(&self.name, p.rotate_every, p.depth_threshold);
-        let boosted = ctx.state.take_boost();
+            .activated(&self.name, p.rotate_every, depth_threshold);
         if boosted {
             if let Some(pack) = p.priority_pack {
                 self.packer.set_pack(pack);
@@ -292,7 +451,13 @@ impl Job {
     /// Closes the job row (status 1, or 3 with the failure), drops an empty error table,
     /// deletes the job's robust marks (no batch of it can be retried any more), and writes the
     /// report's closing lines.
-    async fn end(mut self, pipeline: &str, reason: EndReason, failure: Option<String>) {
+    async fn end(
+        mut self,
+        pipeline: &str,
+        reason: EndReason,
+        failure: Option<String>,
+        spool_kept: bool,
+    ) {
         let (status, reason) = match &failure {
             None => (STATUS_SUCCESS, reason),
             Some(_) => (STATUS_FAILURE, EndReason::Error),
@@ -302,6 +467,8 @@ impl Job {
         let name = self.name.clone();
         let et = self.target.et_table.clone();
         let robust_delete = self.target.robust_delete.clone();
+        let (dedup, acks_settled) = (self.target.dedup.is_some(), self.acks_settled);
+        let schema = self.schema.clone();
         let last = self.last_delivery_us;
         let mut error_rows = None;
         match self.control().await {
@@ -318,10 +485,23 @@ impl Job {
                     };
                     jobs.end(c, &name, &counts, &end).await?;
                     let errors = sink::errors::drop_if_empty(c, &et).await?;
-                    sqlx::query(sqlx::AssertSqlSafe(robust_delete))
+                    if !spool_kept {
+                        // With the spool kept, its recovery needs the marks to skip what committed.
+                        sqlx::query(sqlx::AssertSqlSafe(robust_delete))
+                            .bind(&name)
+                            .execute(&mut *c)
+                            .await?;
+                    }
+                    if dedup && acks_settled {
+                        // Every ack of this job was applied: none of its messages can come back.
+                        sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DELETE FROM {}.loaded_ids WHERE job_name = $1",
+                            crate::db::quote_ident(&schema)
+                        )))
                         .bind(&name)
                         .execute(&mut *c)
                         .await?;
+                    }
                     Ok::<_, sqlx::Error>(errors)
                 }
                 .await;

@@ -51,28 +51,20 @@ async fn database_cut_mid_load_is_survived_without_loss_or_duplicates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_while_batches_wait_on_a_table_lock_acks_nothing_uncommitted() {
+    // durability = "broker": nothing uncommitted is acked, so the broker gets it all back.
     let env = Env::new("lock").await;
     let report = env.feed(20_000, 0.0, 4_000_000, 22).await;
     let settings = Settings {
         pack: 200,
+        extra: "durability = \"broker\"".into(),
         ..Settings::default()
     };
     let mut daemon = env.spawn(&settings);
     env.wait_rows_over(2_000).await;
-    // Hold an exclusive lock: every batch transaction now waits inside COPY.
-    let mut locker = support::pg().await;
-    let mut tx = sqlx::Connection::begin(&mut locker).await.expect("begin");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "LOCK TABLE {}.person IN ACCESS EXCLUSIVE MODE",
-        env.schema
-    )))
-    .execute(&mut *tx)
-    .await
-    .expect("lock");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let lock = lock_target(&env).await;
     // The dangerous moment: batches are written but not committed. Kill without warning.
     daemon.kill9();
-    tx.rollback().await.expect("release the lock");
+    drop(lock);
     let (loaded, _) = env.loaded().await;
     assert!(loaded < 20_000, "the kill landed mid-load");
     // Every delivery that is not committed must come back to the queue.
@@ -92,7 +84,7 @@ async fn kill9_while_batches_wait_on_a_table_lock_acks_nothing_uncommitted() {
         "no row was loaded before and redelivered"
     );
     let failed = env
-        .scalar("SELECT count(*) FROM {schema}.jobs WHERE status = 3 AND error LIKE '%without closing%'")
+        .scalar("SELECT count(*) FROM {schema}.jobs WHERE status = 3 AND end_reason = 'crash' AND error LIKE '%without closing%'")
         .await;
     assert_eq!(
         failed, 2,
@@ -101,6 +93,61 @@ async fn kill9_while_batches_wait_on_a_table_lock_acks_nothing_uncommitted() {
     daemon.sigterm();
     assert_eq!(daemon.wait_exit(Duration::from_secs(30)).await, Some(0));
     env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_while_batches_wait_on_a_table_lock_recovers_the_spool() {
+    // durability = "spool" (default): deliveries are acked once fsynced, so after the kill the
+    // spool owns what did not commit; the next start loads exactly that.
+    let env = Env::new("lockspool").await;
+    let report = env.feed(20_000, 0.0, 4_100_000, 22).await;
+    let settings = Settings {
+        pack: 200,
+        ..Settings::default()
+    };
+    let mut daemon = env.spawn(&settings);
+    env.wait_rows_over(2_000).await;
+    let lock = lock_target(&env).await;
+    daemon.kill9();
+    drop(lock);
+    let (loaded, _) = env.loaded().await;
+    assert!(loaded < 20_000, "the kill landed mid-load");
+    let spool = env.state_dir().join("person");
+    assert!(spool.exists(), "the killed daemon left its spools");
+    let mut daemon = env.spawn(&settings);
+    env.wait_loaded(20_000, Duration::from_secs(120)).await;
+    let (n, sum) = env.loaded().await;
+    assert_eq!(n, 20_000);
+    assert_eq!(sum as u128, report.good_id_sum);
+    assert!(
+        env.error_codes().await.is_empty(),
+        "no row was loaded twice (a duplicate key would land in the error table)"
+    );
+    let recovered = env
+        .scalar("SELECT count(*) FROM {schema}.jobs WHERE status = 1 AND end_reason = 'crash' AND restarts = 1")
+        .await;
+    assert_eq!(
+        recovered, 2,
+        "both slots' jobs were recovered from their spools and closed"
+    );
+    daemon.sigterm();
+    assert_eq!(daemon.wait_exit(Duration::from_secs(30)).await, Some(0));
+    env.cleanup().await;
+}
+
+/// Takes an exclusive lock on the target for two seconds' worth of batches: every batch
+/// transaction then waits inside COPY. Dropping the guard releases it.
+async fn lock_target(env: &Env) -> sqlx::PgConnection {
+    let mut locker = support::pg().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "BEGIN; LOCK TABLE {}.person IN ACCESS EXCLUSIVE MODE",
+        env.schema
+    )))
+    .execute(&mut locker)
+    .await
+    .expect("lock");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    locker
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

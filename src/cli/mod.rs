@@ -3,6 +3,7 @@
 mod eoj;
 mod feed;
 mod migrate;
+mod replay;
 mod run;
 
 use std::path::PathBuf;
@@ -11,8 +12,9 @@ use clap::{Parser, Subcommand};
 
 /// conveyor continuously loads JSON messages from a RabbitMQ queue into PostgreSQL tables.
 ///
-/// A message is acked only after the database transaction that loaded it (or recorded it in
-/// the job's error table) has committed. Start with `conveyor migrate`, then `conveyor run`;
+/// A message is acked only once something durable owns it: the worker's fsynced spool
+/// (`durability = "spool"`, the default; a crash loses nothing and loads nothing twice) or the
+/// database transaction that loaded it (`durability = "broker"`). Start with `conveyor migrate`, then `conveyor run`;
 /// `conveyor feed` publishes test rows.
 #[derive(Debug, Parser)]
 #[command(name = "conveyor", version, max_term_width = 100)]
@@ -45,6 +47,12 @@ pub enum Command {
     Eoj(eoj::EojArgs),
     /// Publish test rows (seed-like `person` rows, or a JSON-lines file) with publisher confirms.
     Feed(feed::FeedArgs),
+    /// Load a job's journal again (--to-queue Q or --direct), or list the journals (--list).
+    ///
+    /// Journals are kept for pipelines with `journal = true`: every message a job read, with its
+    /// headers. Use --direct to restore a table, --to-queue to re-process rows through the
+    /// running daemon (e.g. after fixing what rejected them).
+    Replay(replay::ReplayArgs),
 }
 
 /// Parses the command line and runs the command; the binary's only entry point.
@@ -66,6 +74,7 @@ pub fn main() -> std::process::ExitCode {
             Command::Migrate => migrate::run(&cli.config).await,
             Command::Feed(args) => feed::run(&cli.config, args).await,
             Command::Eoj(args) => eoj::run(&cli.config, args).await,
+            Command::Replay(args) => replay::run(&cli.config, args).await,
         }
     });
     match result {

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 mod pipeline;
 
-pub use pipeline::{Handoff, PipelineConfig, QueueDeclare, RawPipeline, UnknownFields};
+pub use pipeline::{Durability, Handoff, PipelineConfig, QueueDeclare, RawPipeline, UnknownFields};
 
 /// Environment variable that overrides `amqp.url` (keeps secrets out of the file).
 pub const ENV_AMQP_URL: &str = "CONVEYOR_AMQP_URL";
@@ -56,7 +56,52 @@ pub struct RawConfig {
     #[serde(default)]
     pub report: RawReport,
     #[serde(default)]
+    pub state: RawState,
+    #[serde(default)]
+    pub journal: RawJournal,
+    #[serde(default)]
     pub pipeline: Vec<RawPipeline>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    /// Directory for the checkpoint spools `<dir>/<pipeline>/<slot>/checkpoint.spool`; must be
+    /// on a local disk that survives a restart (systemd: StateDirectory).
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for RawState {
+    fn default() -> Self {
+        Self {
+            dir: default_state_dir(),
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("state")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJournal {
+    /// Directory for job journals `<job>.journal` (pipelines with `journal = true`).
+    #[serde(default = "default_journal_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for RawJournal {
+    fn default() -> Self {
+        Self {
+            dir: default_journal_dir(),
+        }
+    }
+}
+
+fn default_journal_dir() -> PathBuf {
+    PathBuf::from("journal")
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,6 +240,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub http_listen: Option<SocketAddr>,
     pub report_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub journal_dir: PathBuf,
     pub log_format: LogFormat,
     pub log_level: String,
     pub pipelines: Vec<PipelineConfig>,
@@ -327,6 +374,8 @@ impl RawConfig {
             connect_timeout: Duration::from_millis(self.database.connect_timeout_ms),
             http_listen,
             report_dir: self.report.dir,
+            state_dir: self.state.dir,
+            journal_dir: self.journal.dir,
             log_format: self.log.format,
             log_level: self.log.level,
             pipelines,

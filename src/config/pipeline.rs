@@ -31,6 +31,18 @@ pub enum UnknownFields {
     Ignore,
 }
 
+/// What owns a delivery once it is acked to the broker (DESIGN §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// The slot's checkpoint spool: acked after an fsync, loaded exactly once even into a
+    /// table without a key (robust marks), including after kill -9.
+    Spool,
+    /// No local state: acked after the batch commits. Messages with a message_id are loaded
+    /// exactly once (the batch records their ids); messages without one at least once.
+    Broker,
+}
+
 /// How the two workers of a pipeline share the queue (DESIGN §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -95,6 +107,56 @@ pub struct RawPipeline {
     /// `sessions` for the job that follows a priority EOJ (default: unchanged).
     #[serde(default)]
     pub priority_sessions: Option<u32>,
+    #[serde(default = "default_durability")]
+    pub durability: Durability,
+    /// Longest wait before a spooled delivery is fsynced (and acked).
+    #[serde(default = "default_fsync_ms")]
+    pub fsync_ms: u64,
+    /// Spooled deliveries that trigger an fsync at once.
+    #[serde(default = "default_fsync_rows")]
+    pub fsync_rows: u32,
+    /// Cut the spool back to the oldest uncommitted record this often…
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval: String,
+    /// …or after this many rows, whichever comes first.
+    #[serde(default = "default_checkpoint_rows")]
+    pub checkpoint_rows: u64,
+    /// Keep a journal of every message each job read (`[journal] dir`).
+    #[serde(default)]
+    pub journal: bool,
+    /// Delete this pipeline's journals older than this at job start.
+    #[serde(default = "default_journal_keep")]
+    pub journal_keep: String,
+    /// `durability = "broker"`: how long loaded message_ids of a job that did not end cleanly
+    /// are kept to recognise redeliveries (cover the longest outage you expect).
+    #[serde(default = "default_dedup_keep")]
+    pub dedup_keep: String,
+}
+
+fn default_durability() -> Durability {
+    Durability::Spool
+}
+/// Acks are not on the row-latency path (a sealed batch asks for its fsync at once), so this
+/// only bounds how long the broker waits for acks between batches.
+fn default_fsync_ms() -> u64 {
+    5
+}
+fn default_fsync_rows() -> u32 {
+    2_000
+}
+/// The seed's checkpoint of 30 (here seconds, smaller: the spool holds every row since the
+/// last checkpoint, and recovery reads it whole).
+fn default_checkpoint_interval() -> String {
+    "10s".into()
+}
+fn default_checkpoint_rows() -> u64 {
+    100_000
+}
+fn default_journal_keep() -> String {
+    "7d".into()
+}
+fn default_dedup_keep() -> String {
+    "7d".into()
 }
 
 fn default_handoff() -> Handoff {
@@ -181,6 +243,14 @@ pub struct PipelineConfig {
     pub depth_poll: Duration,
     pub priority_pack: Option<usize>,
     pub priority_sessions: Option<usize>,
+    pub durability: Durability,
+    pub fsync_every: Duration,
+    pub fsync_rows: usize,
+    pub checkpoint_interval: Duration,
+    pub checkpoint_rows: u64,
+    pub journal: bool,
+    pub journal_keep: Duration,
+    pub dedup_keep: Duration,
 }
 
 impl RawPipeline {
@@ -290,6 +360,24 @@ impl RawPipeline {
         let idle_eoj = duration("idle_eoj", &p.idle_eoj, true);
         let depth_poll =
             duration("depth_poll", &p.depth_poll, false).unwrap_or(Duration::from_secs(1));
+        let checkpoint_interval = duration("checkpoint_interval", &p.checkpoint_interval, false)
+            .unwrap_or(Duration::from_secs(10));
+        let journal_keep = duration("journal_keep", &p.journal_keep, false)
+            .unwrap_or(Duration::from_secs(86_400 * 7));
+        let dedup_keep =
+            duration("dedup_keep", &p.dedup_keep, false).unwrap_or(Duration::from_secs(86_400 * 7));
+        if p.fsync_ms == 0 || p.fsync_ms > 10_000 {
+            problems.push(format!(
+                "{at}.fsync_ms = {} must be between 1 and 10000",
+                p.fsync_ms
+            ));
+        }
+        if p.fsync_rows == 0 {
+            problems.push(format!("{at}.fsync_rows must be at least 1"));
+        }
+        if p.checkpoint_rows == 0 {
+            problems.push(format!("{at}.checkpoint_rows must be at least 1"));
+        }
         if p.retry_ms == 0 || p.retry_ms > 60_000 {
             problems.push(format!(
                 "{at}.retry_ms = {} must be between 1 and 60000",
@@ -336,6 +424,14 @@ impl RawPipeline {
             depth_poll,
             priority_pack: p.priority_pack.map(|v| v as usize),
             priority_sessions: p.priority_sessions.map(|v| v as usize),
+            durability: p.durability,
+            fsync_every: Duration::from_millis(p.fsync_ms),
+            fsync_rows: p.fsync_rows as usize,
+            checkpoint_interval,
+            checkpoint_rows: p.checkpoint_rows,
+            journal: p.journal,
+            journal_keep,
+            dedup_keep,
         }
     }
 }

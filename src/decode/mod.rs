@@ -360,6 +360,14 @@ mod tests {
             depth_poll: Duration::from_secs(1),
             priority_pack: None,
             priority_sessions: None,
+            durability: crate::config::Durability::Spool,
+            fsync_every: Duration::from_millis(5),
+            fsync_rows: 100,
+            checkpoint_interval: Duration::from_secs(10),
+            checkpoint_rows: 1000,
+            journal: false,
+            journal_keep: Duration::from_secs(86_400),
+            dedup_keep: Duration::from_secs(86_400),
         }
     }
 

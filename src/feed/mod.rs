@@ -30,7 +30,7 @@ use tokio::io::AsyncBufReadExt;
 use crate::config::{QueueDeclare, SecretUrl};
 use crate::source::{self, SourceError};
 
-mod publish;
+pub(crate) mod publish;
 mod rows;
 mod vocab;
 

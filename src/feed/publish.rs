@@ -27,18 +27,18 @@ enum InFlight<'a> {
 /// Each publish future is polled once on the spot: that first poll registers the confirm and
 /// queues the frames on the channel synchronously, so messages reach the broker in call order
 /// (a duplicate always after its original) without waiting for each socket write.
-pub(super) struct Publisher<'a> {
+pub(crate) struct Publisher<'a> {
     channel: &'a Channel,
     queue: &'a str,
     window: VecDeque<(String, InFlight<'a>)>,
     rate: u64,
-    pub(super) start: Instant,
+    pub(crate) start: Instant,
     sent: u64,
     bar: ProgressBar,
 }
 
 impl<'a> Publisher<'a> {
-    pub(super) fn new(channel: &'a Channel, queue: &'a str, rate: u64, bar: ProgressBar) -> Self {
+    pub(crate) fn new(channel: &'a Channel, queue: &'a str, rate: u64, bar: ProgressBar) -> Self {
         Publisher {
             channel,
             queue,
@@ -55,10 +55,6 @@ impl<'a> Publisher<'a> {
         message_id: String,
         body: Vec<u8>,
     ) -> Result<(), FeedError> {
-        pace(self.start, self.sent, self.rate).await;
-        if self.window.len() >= CONFIRM_WINDOW {
-            self.confirm_oldest().await?;
-        }
         let mut headers = FieldTable::default();
         headers.insert(
             QUEUE_TIME_HEADER.into(),
@@ -69,6 +65,20 @@ impl<'a> Publisher<'a> {
             .with_delivery_mode(2)
             .with_message_id(message_id.as_str().into())
             .with_headers(headers);
+        self.publish_with(message_id, body, props).await
+    }
+
+    /// Publishes `body` with exactly these properties (replay keeps a message's own).
+    pub(crate) async fn publish_with(
+        &mut self,
+        message_id: String,
+        body: Vec<u8>,
+        props: BasicProperties,
+    ) -> Result<(), FeedError> {
+        pace(self.start, self.sent, self.rate).await;
+        if self.window.len() >= CONFIRM_WINDOW {
+            self.confirm_oldest().await?;
+        }
         let channel = self.channel;
         let routing_key = self.queue.into();
         let mut sending: Pin<Box<dyn Future<Output = _> + Send + 'a>> = Box::pin(async move {
@@ -132,7 +142,7 @@ impl<'a> Publisher<'a> {
         }
     }
 
-    pub(super) async fn drain(&mut self) -> Result<(), FeedError> {
+    pub(crate) async fn drain(&mut self) -> Result<(), FeedError> {
         while !self.window.is_empty() {
             self.confirm_oldest().await?;
         }

@@ -75,6 +75,17 @@ pub struct Target {
     pub robust_insert: String,
     pub robust_check: String,
     pub robust_delete: String,
+    /// `durability = "broker"`: record loaded message_ids and skip redelivered ones.
+    pub dedup: Option<Dedup>,
+}
+
+/// SQL of the message_id bookkeeping (`loaded_ids`).
+#[derive(Debug)]
+pub struct Dedup {
+    /// $1 pipeline, $2 text[] → the ids among them already loaded.
+    pub lookup: String,
+    /// $1 pipeline, $2 text[], $3 job.
+    pub record: String,
 }
 
 impl Target {
@@ -103,9 +114,24 @@ impl Target {
             ),
             robust_delete: format!("DELETE FROM {s}.robust_log WHERE job_name = $1"),
             robust_check: format!(
-                "SELECT EXISTS (SELECT 1 FROM {s}.robust_log WHERE job_name = $1 AND batch_id = $2)"
+                "SELECT EXISTS (SELECT 1 FROM {s}.robust_log WHERE job_name = $1 AND first_seq = $2)"
             ),
+            dedup: None,
         }
+    }
+
+    /// Turns on message_id bookkeeping (`durability = "broker"`).
+    pub fn with_dedup(mut self, schema: &str) -> Target {
+        let s = crate::db::quote_ident(schema);
+        self.dedup = Some(Dedup {
+            lookup: format!(
+                "SELECT message_id FROM {s}.loaded_ids WHERE pipeline = $1 AND message_id = ANY($2)"
+            ),
+            record: format!(
+                "INSERT INTO {s}.loaded_ids (pipeline, message_id, job_name) SELECT $1, unnest($2::text[]), $3"
+            ),
+        });
+        self
     }
 }
 
@@ -125,6 +151,10 @@ pub struct Committed {
     pub rows: usize,
     pub inserted: u64,
     pub rejected: BTreeMap<RejectKind, u64>,
+    /// Redelivered messages whose message_id a committed batch had already recorded.
+    pub duplicates: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
     pub commit_seconds: f64,
 }
 
@@ -238,19 +268,61 @@ pub async fn commit_batch(
     let mut excluded = vec![false; batch.good.len()];
     let mut db_bad: Vec<(usize, Reject)> = Vec::new();
     let mut bisect = false;
+    let mut duplicates = 0u64;
     loop {
         let mut tx = conn.begin().await.map_err(q("BEGIN"))?;
         if maybe_committed {
             let done: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(target.robust_check.as_str()))
                 .bind(&target.job)
-                .bind(batch.id as i64)
+                .bind(batch.first_seq as i64)
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(q("checking the robust log"))?;
             if done {
                 tx.rollback().await.map_err(q("ROLLBACK"))?;
                 info!(job = %target.job, batch = batch.id, "batch had committed before the connection was lost; not loading it again");
-                return Ok(summary(batch, &db_bad));
+                return Ok(summary(batch, &excluded, &db_bad, duplicates));
+            }
+        }
+        if let Some(d) = &target.dedup {
+            // First attempt: only redeliveries can have been loaded before. A retry also checks
+            // the rest, since a concurrent batch may have loaded the same message meanwhile.
+            let ids: Vec<&str> = batch
+                .good
+                .iter()
+                .zip(&excluded)
+                .filter(|(r, e)| !**e && (r.redelivered || maybe_committed))
+                .filter_map(|(r, _)| r.message_id.as_deref())
+                .chain(
+                    batch
+                        .bad
+                        .iter()
+                        .filter(|r| r.redelivered || maybe_committed)
+                        .filter_map(|r| r.message_id.as_deref()),
+                )
+                .collect();
+            if !ids.is_empty() {
+                let found: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(d.lookup.as_str()))
+                    .bind(&target.pipeline)
+                    .bind(&ids)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(q("looking up loaded message ids"))?;
+                if !found.is_empty() {
+                    let found: std::collections::HashSet<String> = found.into_iter().collect();
+                    for (row, e) in batch.good.iter().zip(excluded.iter_mut()) {
+                        if !*e && row.message_id.as_ref().is_some_and(|m| found.contains(m)) {
+                            *e = true;
+                            duplicates += 1;
+                        }
+                    }
+                    let before = batch.bad.len();
+                    batch
+                        .bad
+                        .retain(|r| !r.message_id.as_ref().is_some_and(|m| found.contains(m)));
+                    duplicates += (before - batch.bad.len()) as u64;
+                    info!(job = %target.job, batch = batch.id, duplicates, "redelivered messages were already loaded; not loading them again");
+                }
             }
         }
         if bisect {
@@ -284,13 +356,43 @@ pub async fn commit_batch(
             .execute(&mut *tx)
             .await
             .map_err(q("writing the robust mark"))?;
+        if let Some(d) = &target.dedup {
+            let ids: Vec<&str> = batch
+                .good
+                .iter()
+                .zip(&excluded)
+                .filter(|(_, e)| !**e)
+                .filter_map(|(r, _)| r.message_id.as_deref())
+                .chain(
+                    db_bad
+                        .iter()
+                        .filter_map(|(i, _)| batch.good[*i].message_id.as_deref()),
+                )
+                .chain(batch.bad.iter().filter_map(|r| r.message_id.as_deref()))
+                .collect();
+            if !ids.is_empty() {
+                sqlx::query(sqlx::AssertSqlSafe(d.record.as_str()))
+                    .bind(&target.pipeline)
+                    .bind(&ids)
+                    .bind(&target.job)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(q("recording loaded message ids"))?;
+            }
+        }
         tx.commit().await.map_err(q("COMMIT"))?;
+        crate::faults::point(crate::faults::AFTER_COMMIT);
         crate::metrics::row_latencies(&target.pipeline, batch, &excluded);
-        return Ok(summary(batch, &db_bad));
+        return Ok(summary(batch, &excluded, &db_bad, duplicates));
     }
 }
 
-fn summary(batch: &Batch, db_bad: &[(usize, Reject)]) -> Committed {
+fn summary(
+    batch: &Batch,
+    excluded: &[bool],
+    db_bad: &[(usize, Reject)],
+    duplicates: u64,
+) -> Committed {
     let mut rejected = BTreeMap::new();
     for r in batch
         .bad
@@ -304,8 +406,11 @@ fn summary(batch: &Batch, db_bad: &[(usize, Reject)]) -> Committed {
         batch_id: batch.id,
         last_tag: batch.last_tag,
         rows: batch.rows(),
-        inserted: (batch.good.len() - db_bad.len()) as u64,
+        inserted: excluded.iter().filter(|e| !**e).count() as u64,
         rejected,
+        duplicates,
+        first_seq: batch.first_seq,
+        last_seq: batch.last_seq,
         commit_seconds: 0.0,
     }
 }

@@ -7,16 +7,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
 use lapin::{Channel, Connection, Consumer};
-use tokio::sync::{mpsc, Mutex, Semaphore};
+use tokio::sync::{mpsc, watch, Mutex, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use super::{Job, SlotContext, WorkerError};
 use crate::config::{Handoff, PipelineConfig};
 use crate::job::EndReason;
-use crate::pack::{BadRow, Batch, GoodRow};
+use crate::pack::Batch;
 use crate::sink::{self, Outcome, SessionParams};
 use crate::source::{self, acks::AckTracker};
+use crate::spool::{record, Durable};
 
 /// How often the job's row in `jobs` gets its counters refreshed while it runs.
 const COUNTS_INTERVAL: Duration = Duration::from_secs(10);
@@ -62,11 +63,13 @@ struct Flight {
 }
 
 impl Job {
+    /// Runs the job to its end; true when its spool was kept (rows not committed), to be
+    /// recovered before the slot's next job.
     pub(super) async fn run(
         mut self,
         ctx: &SlotContext,
         p: &PipelineConfig,
-    ) -> Result<(), WorkerError> {
+    ) -> Result<bool, WorkerError> {
         let sessions_max = self.session_conns.len();
         let (batch_tx, batch_rx) = mpsc::channel::<Batch>(sessions_max);
         let (outcome_tx, mut outcomes) = mpsc::channel::<Outcome>(sessions_max * 2 + 2);
@@ -106,6 +109,19 @@ impl Job {
         };
         let mut attempt = 0u32;
         let mut failure: Option<String> = None;
+        let mut durable_rx = self
+            .spool
+            .as_ref()
+            .filter(|_| self.spooled)
+            .map(|s| s.durable());
+        // Room for one record in the spool's queue is reserved before the next delivery is
+        // read: a spool that cannot keep up (or a full disk) stops the reading, never blocks
+        // the worker halfway through a delivery while outcomes and checkpoints wait.
+        let spool_tx = self.spool.as_ref().map(|s| s.sender());
+        let mut spool_permit: Option<mpsc::OwnedPermit<(u64, Vec<u8>)>> = None;
+        let mut checkpoint_tick = tokio::time::interval(p.checkpoint_interval);
+        checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        checkpoint_tick.reset();
         let reason = 'connection: loop {
             let reg = tokio::select! {
                 r = self.register(ctx, p) => r,
@@ -163,6 +179,10 @@ impl Job {
                     biased;
                     _ = ctx.cancel.cancelled() => break Stop::Shutdown,
                     Some(o) = outcomes.recv() => self.on_outcome(o, &channel, &mut flight).await?,
+                    d = next_durable(&mut durable_rx) => {
+                        self.on_durable(d, Some(&channel), &batch_tx, &mut outcomes, &mut flight).await?;
+                    }
+                    _ = checkpoint_tick.tick(), if self.spooled => self.checkpoint(p).await,
                     _ = &mut latency_timer, if armed.is_some() => {
                         armed = None;
                         latency_timer.as_mut().reset(far);
@@ -185,7 +205,14 @@ impl Job {
                             break Stop::Lost;
                         }
                     },
-                    d = consumer.next() => match d {
+                    permit = reserve(spool_tx.clone()), if spool_tx.is_some() && spool_permit.is_none() && !self.spool_failing => {
+                        if permit.is_none() {
+                            // The writer is gone: nothing can be spooled (or acked) any more.
+                            self.spool_failing = true;
+                        }
+                        spool_permit = permit;
+                    }
+                    d = consumer.next(), if !self.spool_failing && (spool_tx.is_none() || spool_permit.is_some()) => match d {
                         Some(Ok(delivery)) => {
                             if standing_by {
                                 standing_by = false;
@@ -197,7 +224,7 @@ impl Job {
                             if p.idle_eoj.is_some() {
                                 idle_timer.as_mut().reset(tokio::time::Instant::now() + idle_after);
                             }
-                            let step = self.on_delivery(delivery, p);
+                            let step = self.on_delivery(ctx, delivery, p, spool_permit.take()).await?;
                             if let Step::End(reason) = step {
                                 break Stop::End(reason);
                             }
@@ -215,6 +242,9 @@ impl Job {
                         }
                     },
                     _ = counts_tick.tick() => self.save_counts().await,
+                }
+                if self.spooled && self.rows_since_checkpoint >= p.checkpoint_rows {
+                    self.checkpoint(p).await;
                 }
                 let deadline = self.packer.deadline();
                 if deadline != armed {
@@ -243,10 +273,28 @@ impl Job {
                 self.dispatch(b, &batch_tx, &mut outcomes, &channel, &mut flight)
                     .await?;
             }
-            while flight.in_flight > 0 {
-                match outcomes.recv().await {
-                    Some(o) => self.on_outcome(o, &channel, &mut flight).await?,
-                    None => break,
+            if self.spooled {
+                // The spool owns what is durable: ack up to the end point as soon as it is
+                // fsynced; the commits finish after the standby has taken over.
+                if ending.is_some() {
+                    self.wait_durable(
+                        ctx,
+                        self.seq,
+                        &mut durable_rx,
+                        &channel,
+                        &batch_tx,
+                        &mut outcomes,
+                        &mut flight,
+                    )
+                    .await?;
+                    crate::faults::point(crate::faults::HANDOFF);
+                }
+            } else {
+                while flight.in_flight > 0 {
+                    match outcomes.recv().await {
+                        Some(o) => self.on_outcome(o, &channel, &mut flight).await?,
+                        None => break,
+                    }
                 }
             }
             let mut after_end = None;
@@ -284,8 +332,13 @@ impl Job {
                 ));
             }
             let _ = bounded(control_channel.close(200, "conveyor job ending".into())).await;
-            let _ = bounded(channel.close(200, "conveyor job ending".into())).await;
+            // close-ok means the broker has applied every ack sent before it on this channel.
+            self.acks_settled = matches!(
+                bounded(channel.close(200, "conveyor job ending".into())).await,
+                Some(Ok(()))
+            );
             let _ = bounded(conn.close(200, "conveyor job ending".into())).await;
+            self.channel_base = None;
             match ending {
                 Some(reason) => break 'connection reason,
                 None if ctx.cancel.is_cancelled() => break 'connection EndReason::Shutdown,
@@ -296,14 +349,42 @@ impl Job {
                 }
             }
         };
+        if self.spooled {
+            self.settle(ctx, &mut durable_rx, &batch_tx, &mut outcomes, &mut flight)
+                .await?;
+        }
         drop(batch_tx);
         session_cancel.cancel();
         sessions.wait().await;
+        let mut spool_kept = false;
+        if let Some(spool) = self.spool.take() {
+            // Delete the spool only when every record it owns is committed; otherwise the
+            // next start recovers it.
+            let complete = self.waiting.is_empty() && flight.abandoned == 0 && !self.spool_failing;
+            if !complete && self.spooled {
+                warn!(job = %self.name, waiting = self.waiting.len(), abandoned = flight.abandoned, "job ends with spooled rows not committed; the spool is kept and loaded at the next start");
+                failure.get_or_insert_with(|| "spooled rows were not committed before the job ended; they are recovered at the next start".into());
+            }
+            spool_kept = self.spooled && !complete;
+            if self.spooled && complete && self.counts.read > 0 {
+                // A job of this slot consumed and ended cleanly: redeliveries from an earlier
+                // crash have gone by, so their carried-forward identities can go.
+                let sidecar = crate::spool::owned::sidecar_path(&crate::spool::spool_path(
+                    &ctx.config.state_dir,
+                    &p.name,
+                    ctx.slot,
+                ));
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(sidecar)).await;
+            }
+            if let Err(e) = spool.finish(complete || !self.spooled).await {
+                warn!(job = %self.name, error = %e, "could not close the spool/journal");
+            }
+        }
         if self.active {
             crate::metrics::active_worker(&p.name, ctx.slot, false);
         }
-        self.end(&p.name, reason, failure).await;
-        Ok(())
+        self.end(&p.name, reason, failure, spool_kept).await;
+        Ok(spool_kept)
     }
 
     /// Connects, declares, opens the control consumer and registers on the queue. With
@@ -381,7 +462,13 @@ impl Job {
         }
     }
 
-    fn on_delivery(&mut self, d: lapin::message::Delivery, p: &PipelineConfig) -> Step {
+    async fn on_delivery(
+        &mut self,
+        ctx: &SlotContext,
+        d: lapin::message::Delivery,
+        p: &PipelineConfig,
+        permit: Option<mpsc::OwnedPermit<(u64, Vec<u8>)>>,
+    ) -> Result<Step, WorkerError> {
         self.seq += 1;
         let now = Instant::now();
         let received_us = SystemTime::now()
@@ -389,6 +476,40 @@ impl Job {
             .map_or(0, |t| t.as_micros() as i64);
         self.last_delivery_us = Some(received_us);
         let seq = self.seq;
+        if self.channel_base.is_none() {
+            self.channel_base = Some((seq, d.delivery_tag));
+        }
+        let mut kind = record::Kind::Delivery;
+        if self.spooled {
+            let id = crate::spool::owned::identity(&d.properties, &p.queue_time_header, &d.data);
+            if let Ok(mut owned) = ctx.owned.lock() {
+                if d.redelivered && owned.take(id) {
+                    kind = record::Kind::Duplicate;
+                } else {
+                    owned.push(id);
+                }
+            }
+        }
+        if let Some(spool) = &self.spool {
+            // A duplicate keeps its body too: its identity must survive a crash before its ack.
+            let payload =
+                record::delivery(kind, received_us, d.redelivered, &d.properties, &d.data);
+            match permit {
+                Some(permit) => {
+                    permit.send((seq, payload));
+                }
+                None => spool.append(seq, payload).await?,
+            }
+        }
+        if kind == record::Kind::Duplicate {
+            let batch = self.packer.open(now, seq);
+            batch.skipped += 1;
+            batch.last_seq = seq;
+            batch.last_tag = d.delivery_tag;
+            self.counts.duplicates += 1;
+            crate::metrics::duplicates_skipped(&p.name, 1);
+            return Ok(Step::Continue);
+        }
         if let Some(m) = source::marker(&d.properties, &d.data) {
             let batch = self.packer.open(now, seq);
             batch.skipped += 1;
@@ -396,47 +517,34 @@ impl Job {
             batch.last_tag = d.delivery_tag;
             if m.applies_to(&self.name) {
                 info!(job = %self.name, reason = m.reason.as_str(), "end-of-job marker");
-                return Step::End(m.reason);
+                return Ok(Step::End(m.reason));
             }
             self.counts.skipped += 1;
             info!(job = %self.name, marker_for = %m.job, "end-of-job marker for a job that already ended: acked and ignored");
-            return Step::Continue;
+            return Ok(Step::Continue);
         }
         self.counts.read += 1;
         let queue_time = source::header_queue_time_us(&d.properties, &p.queue_time_header);
         let message_id = source::message_id(&d.properties);
         let batch = self.packer.open(now, seq);
-        let start = batch.copy.len();
-        match self
-            .decoder
-            .decode(&d.data, queue_time, received_us, &mut batch.copy)
-        {
-            Ok(decoded) => batch.good.push(GoodRow {
-                start,
-                end: batch.copy.len(),
-                raw: d.data,
-                seq,
-                queue_time_us: decoded.queue_time_us,
-                message_id,
-            }),
-            Err(reject) => batch.bad.push(BadRow {
-                raw: d.data,
-                seq,
-                queue_time_us: queue_time,
-                message_id,
-                reject,
-            }),
-        }
-        batch.last_seq = seq;
+        batch.push_message(
+            &mut self.decoder,
+            d.data,
+            seq,
+            queue_time,
+            received_us,
+            message_id,
+            d.redelivered,
+        );
         batch.last_tag = d.delivery_tag;
         if p.max_rows.is_some_and(|m| self.counts.read >= m) {
-            return Step::End(EndReason::Rows);
+            return Ok(Step::End(EndReason::Rows));
         }
-        Step::Continue
+        Ok(Step::Continue)
     }
 
-    /// Hands a closed batch to the sessions, still processing outcomes while the queue is full
-    /// (so a full queue can never deadlock against a full outcome channel).
+    /// Hands a closed batch on: in spool mode it waits for its records' fsync first (a batch
+    /// never commits rows the spool could lose); otherwise straight to the sessions.
     async fn dispatch(
         &mut self,
         batch: Batch,
@@ -445,9 +553,49 @@ impl Job {
         channel: &Channel,
         flight: &mut Flight,
     ) -> Result<(), WorkerError> {
-        flight.acks.dispatched(batch.id, batch.last_tag)?;
-        flight.in_flight += 1;
         crate::metrics::messages_received(&self.target.pipeline, batch.rows() as u64);
+        if self.spooled {
+            self.waiting.push_back(batch);
+            if let Some(s) = &self.spool {
+                s.sync().await;
+            }
+            return self.release(tx, outcomes, Some(channel), flight).await;
+        }
+        flight.acks.dispatched(batch.id, batch.last_tag)?;
+        self.send(batch, tx, outcomes, Some(channel), flight).await
+    }
+
+    /// Sends every waiting batch whose records are all durable.
+    async fn release(
+        &mut self,
+        tx: &mpsc::Sender<Batch>,
+        outcomes: &mut mpsc::Receiver<Outcome>,
+        channel: Option<&Channel>,
+        flight: &mut Flight,
+    ) -> Result<(), WorkerError> {
+        while self
+            .waiting
+            .front()
+            .is_some_and(|b| b.last_seq <= self.durable_seq)
+        {
+            if let Some(b) = self.waiting.pop_front() {
+                self.send(b, tx, outcomes, channel, flight).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues a batch for the sessions, still processing outcomes while the queue is full (so a
+    /// full queue can never deadlock against a full outcome channel).
+    async fn send(
+        &mut self,
+        batch: Batch,
+        tx: &mpsc::Sender<Batch>,
+        outcomes: &mut mpsc::Receiver<Outcome>,
+        channel: Option<&Channel>,
+        flight: &mut Flight,
+    ) -> Result<(), WorkerError> {
+        flight.in_flight += 1;
         loop {
             tokio::select! {
                 permit = tx.reserve() => {
@@ -457,7 +605,12 @@ impl Job {
                     }
                     return Ok(());
                 }
-                Some(o) = outcomes.recv() => self.on_outcome(o, channel, flight).await?,
+                Some(o) = outcomes.recv() => match channel {
+                    Some(c) => self.on_outcome(o, c, flight).await?,
+                    None => {
+                        self.on_outcome_closed(o, flight);
+                    }
+                },
             }
         }
     }
@@ -468,33 +621,240 @@ impl Job {
         channel: &Channel,
         flight: &mut Flight,
     ) -> Result<(), WorkerError> {
+        let Some(tag) = self.on_outcome_closed(o, flight) else {
+            return Ok(());
+        };
+        let opts = BasicAckOptions { multiple: true };
+        match bounded(channel.basic_ack(tag, opts)).await {
+            Some(Ok(())) => {}
+            // The channel is gone: the broker redelivers these; see ARCHITECTURE.md.
+            Some(Err(e)) => {
+                warn!(job = %self.name, tag, error = %e, "ack after commit failed (channel lost); the messages will be redelivered")
+            }
+            None => {
+                warn!(job = %self.name, tag, "ack after commit timed out; the messages may be redelivered")
+            }
+        }
+        Ok(())
+    }
+
+    /// Books an outcome; returns the tag to ack (broker durability) if one is due.
+    fn on_outcome_closed(&mut self, o: Outcome, flight: &mut Flight) -> Option<u64> {
         flight.in_flight = flight.in_flight.saturating_sub(1);
         match o {
             Outcome::Committed(c) => {
                 self.counts.inserted += c.inserted;
                 self.counts.rejected += c.rejected.values().sum::<u64>();
+                self.counts.duplicates += c.duplicates;
                 self.counts.batches += 1;
                 crate::metrics::batch_committed(&self.target.pipeline, &c);
-                if let Some(tag) = flight.acks.committed(c.batch_id)? {
-                    let opts = BasicAckOptions { multiple: true };
-                    match bounded(channel.basic_ack(tag, opts)).await {
-                        Some(Ok(())) => {}
-                        // The channel is gone: the broker redelivers these; see ARCHITECTURE.md.
-                        Some(Err(e)) => {
-                            warn!(job = %self.name, tag, error = %e, "ack after commit failed (channel lost); the messages will be redelivered")
-                        }
-                        None => {
-                            warn!(job = %self.name, tag, "ack after commit timed out; the messages may be redelivered")
-                        }
+                if c.duplicates > 0 {
+                    crate::metrics::duplicates_skipped(&self.target.pipeline, c.duplicates);
+                }
+                if self.spooled {
+                    self.committed.insert(c.first_seq, c.last_seq);
+                    self.rows_since_checkpoint += c.rows as u64;
+                    return None;
+                }
+                match flight.acks.committed(c.batch_id) {
+                    Ok(tag) => tag,
+                    Err(e) => {
+                        error!(job = %self.name, error = %e, "ack bookkeeping failed; the messages stay unacked and are redelivered");
+                        None
                     }
                 }
             }
             Outcome::Abandoned { batch_id } => {
                 flight.abandoned += 1;
                 warn!(job = %self.name, batch = batch_id, "batch abandoned at shutdown");
+                None
+            }
+        }
+    }
+
+    /// Spool mode: the writer reported progress (or a failure). Acks every delivery of the
+    /// current channel that is now durable and releases the batches waiting for it.
+    async fn on_durable(
+        &mut self,
+        d: Option<Durable>,
+        channel: Option<&Channel>,
+        tx: &mpsc::Sender<Batch>,
+        outcomes: &mut mpsc::Receiver<Outcome>,
+        flight: &mut Flight,
+    ) -> Result<(), WorkerError> {
+        let Some(d) = d else {
+            // The writer task is gone: nothing more can become durable.
+            self.spool_failing = true;
+            return Ok(());
+        };
+        self.spool_failing = d.error.is_some();
+        if d.seq <= self.durable_seq {
+            return Ok(());
+        }
+        self.durable_seq = d.seq;
+        if let (Some(c), Some((base_seq, base_tag))) = (channel, self.channel_base) {
+            let upto = self.durable_seq.min(self.seq);
+            if upto >= base_seq && upto > self.acked_seq {
+                let tag = base_tag + (upto - base_seq);
+                crate::faults::point(crate::faults::BEFORE_ACK);
+                match bounded(c.basic_ack(tag, BasicAckOptions { multiple: true })).await {
+                    Some(Ok(())) => self.acked_seq = upto,
+                    _ => {
+                        warn!(job = %self.name, tag, "ack of spooled deliveries failed; the broker redelivers them and they are recognised as duplicates")
+                    }
+                }
+            }
+        }
+        self.release(tx, outcomes, channel, flight).await
+    }
+
+    /// Spool mode: waits until every delivery up to `seq` is fsynced (and so acked). Gives up
+    /// only at shutdown while the spool cannot be written (those deliveries stay unacked).
+    #[allow(clippy::too_many_arguments)]
+    async fn wait_durable(
+        &mut self,
+        ctx: &SlotContext,
+        seq: u64,
+        durable_rx: &mut Option<watch::Receiver<Durable>>,
+        channel: &Channel,
+        tx: &mpsc::Sender<Batch>,
+        outcomes: &mut mpsc::Receiver<Outcome>,
+        flight: &mut Flight,
+    ) -> Result<(), WorkerError> {
+        if let Some(s) = &self.spool {
+            s.sync().await;
+        }
+        while self.durable_seq < seq {
+            if self.spool_failing && ctx.cancel.is_cancelled() {
+                warn!(job = %self.name, "shutting down while the spool cannot be written; unspooled deliveries stay unacked for redelivery");
+                return Ok(());
+            }
+            tokio::select! {
+                d = next_durable(durable_rx) => self.on_durable(d, Some(channel), tx, outcomes, flight).await?,
+                Some(o) = outcomes.recv() => self.on_outcome(o, channel, flight).await?,
+                _ = ctx.cancel.cancelled(), if self.spool_failing => {}
             }
         }
         Ok(())
+    }
+
+    /// Spool mode, at the end of the job: commits every spooled batch (the channel is closed;
+    /// nothing is acked any more).
+    async fn settle(
+        &mut self,
+        ctx: &SlotContext,
+        durable_rx: &mut Option<watch::Receiver<Durable>>,
+        tx: &mpsc::Sender<Batch>,
+        outcomes: &mut mpsc::Receiver<Outcome>,
+        flight: &mut Flight,
+    ) -> Result<(), WorkerError> {
+        if let Some(s) = &self.spool {
+            s.sync().await;
+        }
+        self.release(tx, outcomes, None, flight).await?;
+        while flight.in_flight > 0 || !self.waiting.is_empty() {
+            if flight.in_flight == 0 && self.spool_failing && ctx.cancel.is_cancelled() {
+                break;
+            }
+            tokio::select! {
+                d = next_durable(durable_rx) => self.on_durable(d, None, tx, outcomes, flight).await?,
+                o = outcomes.recv() => match o {
+                    Some(o) => { self.on_outcome_closed(o, flight); }
+                    None => break,
+                },
+                _ = ctx.cancel.cancelled(), if self.spool_failing => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Spool mode: cuts the spool back to the oldest uncommitted record, then deletes the
+    /// robust marks below it (in this order: a mark may outlive its records, never the reverse,
+    /// or a crash in between would load those records twice).
+    async fn checkpoint(&mut self, p: &PipelineConfig) {
+        let keep_from = self.committed.first_missing(self.checkpoint_from);
+        self.rows_since_checkpoint = 0;
+        if keep_from <= self.checkpoint_from {
+            return;
+        }
+        let Some(spool) = &self.spool else { return };
+        let started = Instant::now();
+        self.report
+            .event("CheckPoint", &format!("Begin, KeepFrom={keep_from}"))
+            .await;
+        let stats = match spool.cut(keep_from).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(job = %self.name, error = %e, "checkpoint failed; the spool keeps everything and the next checkpoint retries");
+                return;
+            }
+        };
+        crate::faults::point(crate::faults::MID_CHECKPOINT);
+        let (name, sql) = (
+            self.name.clone(),
+            format!(
+                "DELETE FROM {}.robust_log WHERE job_name = $1 AND last_seq < $2",
+                crate::db::quote_ident(&self.schema)
+            ),
+        );
+        let mut marks = None;
+        if let Some(c) = self.control().await {
+            match sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(&name)
+                .bind(keep_from as i64)
+                .execute(c)
+                .await
+            {
+                Ok(r) => marks = Some(r.rows_affected()),
+                Err(e) => {
+                    warn!(job = %name, error = %e, "could not delete robust marks at checkpoint (harmless; they go at job end)");
+                    self.control = None;
+                }
+            }
+        }
+        self.committed.prune_below(keep_from);
+        self.checkpoint_from = keep_from;
+        self.checkpoints += 1;
+        crate::metrics::checkpoint(&p.name);
+        self.report
+            .event(
+                "CheckPoint",
+                &format!(
+                    "End, KeepFrom={keep_from}, SpoolBytes={}->{}, RecordsKept={}, MarksDeleted={}, Seconds={:.3}",
+                    stats.bytes_before,
+                    stats.bytes_after,
+                    stats.records_kept,
+                    marks.map_or("-".into(), |m| m.to_string()),
+                    started.elapsed().as_secs_f64()
+                ),
+            )
+            .await;
+        tracing::debug!(job = %self.name, keep_from, kept = stats.records_kept, "checkpoint");
+    }
+}
+
+/// Room for one record in the spool's queue; pending forever without a spool, `None` when the
+/// writer is gone.
+async fn reserve(
+    tx: Option<mpsc::Sender<(u64, Vec<u8>)>>,
+) -> Option<mpsc::OwnedPermit<(u64, Vec<u8>)>> {
+    match tx {
+        Some(tx) => tx.reserve_owned().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// The next durable watermark; pending forever without a spool. `None`: the writer stopped.
+async fn next_durable(rx: &mut Option<watch::Receiver<Durable>>) -> Option<Durable> {
+    match rx {
+        Some(r) => match r.changed().await {
+            Ok(()) => Some(r.borrow_and_update().clone()),
+            Err(_) => {
+                *rx = None;
+                None
+            }
+        },
+        None => std::future::pending().await,
     }
 }
 

@@ -105,6 +105,11 @@ impl Env {
         }
     }
 
+    /// Where this test's daemons keep their spools.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.join("conveyor.toml")
     }
@@ -123,6 +128,10 @@ listen = "{http_listen}"
 [log]
 format = "json"
 level = "info"
+[state]
+dir = {state:?}
+[journal]
+dir = {journal:?}
 {report}[[pipeline]]
 name = "{pipeline}"
 queue = "{queue}"
@@ -150,6 +159,8 @@ queue_time_column = "queue_time"
                 .map(|d| format!("[report]\ndir = {:?}\n", d.display().to_string()))
                 .unwrap_or_default(),
             extra = s.extra,
+            state = self.state_dir().display().to_string(),
+            journal = self.dir.join("journal").display().to_string(),
             pipeline = s.pipeline,
             http_listen = s.http_listen,
         );
@@ -160,6 +171,11 @@ queue_time_column = "queue_time"
 
     /// Starts `conveyor run` with the config written for `s`; its log goes to `<dir>/daemon-N.log`.
     pub fn spawn(&self, s: &Settings) -> Daemon {
+        self.spawn_env(s, &[])
+    }
+
+    /// [`Env::spawn`] with extra environment variables (e.g. `CONVEYOR_CRASH_AT`).
+    pub fn spawn_env(&self, s: &Settings, vars: &[(&str, &str)]) -> Daemon {
         let config = self.write_config(s);
         let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
         let log = self.dir.join(format!("daemon-{n}.log"));
@@ -168,9 +184,12 @@ queue_time_column = "queue_time"
             .args(["--config"])
             .arg(&config)
             .arg("run")
+            .current_dir(&self.dir)
             .env_remove("RUST_LOG")
             .env_remove("CONVEYOR_AMQP_URL")
             .env_remove("CONVEYOR_DATABASE_URL")
+            .env_remove("CONVEYOR_CRASH_AT")
+            .envs(vars.iter().copied())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -430,6 +449,64 @@ async fn cleanup(schema: &str, queue: &str) {
         }
         let _ = conn.close(200, "done".into()).await;
     }
+}
+
+/// A free loopback port (bound, read, released).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// (status code, body) of `GET path` on the daemon's HTTP port.
+pub async fn get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the daemon's HTTP port");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("send request");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read response");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Sum of the samples of metric `name` whose labels contain every one of `labels`.
+pub fn sample(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Runs the conveyor binary with `args` (e.g. `replay --direct FILE`) against `config`;
+/// returns (exit code, stdout, stderr).
+pub fn cli(config: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("CONVEYOR_AMQP_URL")
+        .env_remove("CONVEYOR_DATABASE_URL")
+        .output()
+        .expect("run conveyor");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 pub async fn pg() -> PgConnection {
