@@ -50,11 +50,23 @@ async fn measure(w: &World, db: &mut PgConnection, n: u64, bench: bool) {
     let fed = common::feed(w, n, 0, 0.0, 1).await;
     let bare = bare_consume(&w.queue, n).await;
 
-    // 2. conveyor, clean rows
+    // 2. conveyor, clean rows (durability = "spool", the default)
     common::feed(w, n, 0, 0.0, 1).await;
-    let clean = conveyor_drain(w, db, n).await;
+    let fsync_before = fsync_samples();
+    let clean = conveyor_drain(w, db, n, "").await;
+    let fsync = fsync_quantiles(&fsync_before, &fsync_samples());
     let (rows, _) = counts(db, w).await;
     assert_eq!(rows as u64, fed.good, "conveyor loaded every clean row");
+
+    // 2b. the same with durability = "broker" (ack after commit, message ids recorded)
+    truncate(db, w).await;
+    common::feed(w, n, 0, 0.0, 1).await;
+    let broker = conveyor_drain(w, db, n, "durability = \"broker\"").await;
+    let (rows, _) = counts(db, w).await;
+    assert_eq!(
+        rows as u64, fed.good,
+        "conveyor (broker durability) loaded every row"
+    );
 
     // 3. plain COPY of the same rows from a file
     let copy = copy_from_file(w, db, n).await;
@@ -62,7 +74,7 @@ async fn measure(w: &World, db: &mut PgConnection, n: u64, bench: bool) {
     // 4. conveyor, 1 % bad rows
     truncate(db, w).await;
     let bad_feed = common::feed(w, n, 0, 1.0, 2).await;
-    let errors = conveyor_drain(w, db, n).await;
+    let errors = conveyor_drain(w, db, n, "").await;
     let (rows, rejected) = counts(db, w).await;
     assert_eq!(rows as u64, bad_feed.good, "good rows loaded");
     assert_eq!(
@@ -78,7 +90,8 @@ async fn measure(w: &World, db: &mut PgConnection, n: u64, bench: bool) {
     );
     line("bare lapin consumer (ack only, multiple)", bare);
     line("plain COPY from a file", copy);
-    line("conveyor drain, clean", clean);
+    line("conveyor drain, clean (spool)", clean);
+    line("conveyor drain, clean (broker durability)", broker);
     line("conveyor drain, 1 % bad rows", errors);
     println!();
     println!(
@@ -93,12 +106,25 @@ async fn measure(w: &World, db: &mut PgConnection, n: u64, bench: bool) {
         "conveyor 1 % bad ÷ conveyor clean       {:>10.2}   (aim ≥ 0.9)",
         errors / clean
     );
+    println!(
+        "spool ÷ broker durability               {:>10.2}   (aim ≥ 0.85: spool costs ≤ 15 %)",
+        clean / broker
+    );
+    println!(
+        "spool group commit (write + fsync)      p50 ≤ {:.2} ms, p99 ≤ {:.2} ms (histogram bucket bounds)",
+        fsync.0 * 1000.0,
+        fsync.1 * 1000.0
+    );
     if bench {
         let json = serde_json::json!({
             "rows": n,
             "bare_consumer_rows_per_s": bare,
             "copy_from_file_rows_per_s": copy,
             "conveyor_clean_rows_per_s": clean,
+            "conveyor_broker_durability_rows_per_s": broker,
+            "ratio_spool_to_broker": clean / broker,
+            "spool_fsync_p50_s_upper": fsync.0,
+            "spool_fsync_p99_s_upper": fsync.1,
             "conveyor_errors_1pct_rows_per_s": errors,
             "ratio_clean_to_bare": clean / bare,
             "ratio_clean_to_copy": clean / copy,
@@ -154,9 +180,53 @@ async fn bare_consume(queue: &str, n: u64) -> f64 {
     n as f64 / secs
 }
 
+/// Cumulative bucket counts of `conveyor_spool_fsync_seconds` over all labels: (le, count).
+fn fsync_samples() -> Vec<(f64, f64)> {
+    let text = conveyor::metrics::install().render();
+    let mut buckets: std::collections::BTreeMap<String, f64> = Default::default();
+    for l in text
+        .lines()
+        .filter(|l| l.starts_with("conveyor_spool_fsync_seconds_bucket{"))
+    {
+        let le = l.split("le=\"").nth(1).and_then(|r| r.split('"').next());
+        let v = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        if let (Some(le), Some(v)) = (le, v) {
+            *buckets.entry(le.to_string()).or_default() += v;
+        }
+    }
+    let mut v: Vec<(f64, f64)> = buckets
+        .into_iter()
+        .map(|(le, c)| (le.parse().unwrap_or(f64::INFINITY), c))
+        .collect();
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    v
+}
+
+/// p50 and p99 (as bucket upper bounds) of the fsyncs between two snapshots.
+fn fsync_quantiles(before: &[(f64, f64)], after: &[(f64, f64)]) -> (f64, f64) {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, c)| {
+            let b = before
+                .iter()
+                .find(|(l, _)| l == le)
+                .map_or(0.0, |(_, c)| *c);
+            (*le, c - b)
+        })
+        .collect();
+    let total = delta.last().map_or(0.0, |(_, c)| *c);
+    let q = |p: f64| {
+        delta
+            .iter()
+            .find(|(_, c)| *c >= total * p)
+            .map_or(f64::NAN, |(le, _)| *le)
+    };
+    (q(0.5), q(0.99))
+}
+
 /// Runs the daemon in-process on the backlog and times it until every row is committed.
-async fn conveyor_drain(w: &World, db: &mut PgConnection, n: u64) -> f64 {
-    let config = common::config(w, "");
+async fn conveyor_drain(w: &World, db: &mut PgConnection, n: u64, extra: &str) -> f64 {
+    let config = common::config(w, extra);
     let before = counts(db, w).await;
     let shutdown = CancellationToken::new();
     let start = Instant::now();

@@ -89,10 +89,12 @@ pub fn config(w: &World, extra: &str) -> Config {
 /// The TOML text of [`config`].
 pub fn config_text(w: &World, extra: &str) -> String {
     format!(
-        "[amqp]\nurl = \"{AMQP_URL}\"\n[database]\nurl = \"{PG_URL}\"\nschema = \"{s}\"\n[http]\nlisten = \"\"\n[log]\nlevel = \"warn\"\n[report]\ndir = \"{dir}\"\n[[pipeline]]\nname = \"bench\"\nqueue = \"{q}\"\ntarget = \"{s}.person\"\nqueue_time_column = \"queue_time\"\n{extra}\n",
+        "[amqp]\nurl = \"{AMQP_URL}\"\n[database]\nurl = \"{PG_URL}\"\nschema = \"{s}\"\n[http]\nlisten = \"\"\n[log]\nlevel = \"warn\"\n[report]\ndir = \"{dir}\"\n[state]\ndir = \"{state}\"\n[journal]\ndir = \"{journal}\"\n[[pipeline]]\nname = \"bench\"\nqueue = \"{q}\"\ntarget = \"{s}.person\"\nqueue_time_column = \"queue_time\"\n{extra}\n",
         s = w.schema,
         q = w.queue,
         dir = std::env::temp_dir().join(format!("{}-reports", w.schema)).display(),
+        state = std::env::temp_dir().join(format!("{}-state", w.schema)).display(),
+        journal = std::env::temp_dir().join(format!("{}-journal", w.schema)).display(),
     )
 }
 
