@@ -27,6 +27,13 @@ pub enum DaemonError {
     },
     #[error("{0} worker(s) ended with an error; see the log above")]
     Workers(usize),
+    #[error("the spool directory {} is in use by another conveyor process: give each `conveyor run` its own [state] dir (two processes must never share a spool)", dir.display())]
+    StateInUse { dir: std::path::PathBuf },
+    #[error("cannot lock the spool directory {}: {source} (check that [state] dir is writable)", dir.display())]
+    StateLock {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot read the spool of pipeline {pipeline} slot {slot}: {source}")]
     Spool {
         pipeline: String,
@@ -37,6 +44,39 @@ pub enum DaemonError {
 
 /// The two workers of every pipeline (DESIGN §1).
 pub const SLOTS: [&str; 2] = ["01", "02"];
+
+/// Takes the slot's spool directory for this process (an exclusive lock held until exit), so
+/// two daemons configured with the same `[state] dir` cannot write one spool.
+fn lock_state(
+    config: &Config,
+    p: &crate::config::PipelineConfig,
+    slot: &str,
+) -> Result<Option<std::fs::File>, DaemonError> {
+    if p.durability != crate::config::Durability::Spool {
+        return Ok(None);
+    }
+    let path = crate::spool::spool_path(&config.state_dir, &p.name, slot);
+    let dir = path
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let lock_err = |source| DaemonError::StateLock {
+        dir: dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&dir).map_err(lock_err)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .map_err(lock_err)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(DaemonError::StateInUse { dir }),
+        Err(std::fs::TryLockError::Error(e)) => Err(lock_err(e)),
+    }
+}
 
 /// The slot's spool as the last process left it, if any.
 async fn read_spool(
@@ -102,6 +142,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         None => None,
     };
     let tracker = TaskTracker::new();
+    // Held until `run` returns: the slots' spool directories belong to this process.
+    let mut state_locks = Vec::new();
     let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for p in config.pipelines.iter().cloned() {
         let state = Arc::new(crate::rotator::PipelineState::default());
@@ -113,6 +155,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         )));
         let mut spools = Vec::new();
         for slot in SLOTS {
+            state_locks.extend(lock_state(&config, &p, slot)?);
             let spool = read_spool(&config, &p, slot).await?;
             remember_owned(&owned, &config, &p, slot, spool.as_ref());
             spools.push(spool);
@@ -150,6 +193,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         let _ = task.await;
     }
     let _ = upkeep.await;
+    drop(state_locks);
     match failed.load(std::sync::atomic::Ordering::SeqCst) {
         0 => Ok(()),
         n => Err(DaemonError::Workers(n)),

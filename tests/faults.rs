@@ -182,3 +182,25 @@ async fn broker_cut_mid_load_reconnects_and_loads_every_row() {
     assert_eq!(daemon.wait_exit(Duration::from_secs(30)).await, Some(0));
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_spool_directory_is_refused() {
+    let env = Env::new("statelock").await;
+    let settings = Settings::default();
+    let first = env.spawn(&settings);
+    first
+        .wait_log("registered as consumer", Duration::from_secs(30))
+        .await;
+    let mut second = env.spawn(&settings);
+    let code = second.wait_exit(Duration::from_secs(30)).await;
+    assert_ne!(code, Some(0), "the second daemon must not start");
+    assert!(
+        second
+            .log_text()
+            .contains("in use by another conveyor process"),
+        "it says why: {}",
+        second.log_text()
+    );
+    first.sigterm();
+    env.cleanup().await;
+}

@@ -644,7 +644,13 @@ async fn stale_marker_is_acked_and_ignored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_never_both_active_and_survive_a_kill() {
     let env = Env::new("rot_two").await;
-    let s = settings(&env, "rotate_every = \"1s\"\nidle_eoj = \"0s\"");
+    // Broker durability: what the killed process had read comes back through the broker to the
+    // survivor. (With the spool it would wait in the killed process's spool for that process to
+    // restart — tests/durability.rs covers that — and two processes cannot share a spool dir.)
+    let s = settings(
+        &env,
+        "rotate_every = \"1s\"\nidle_eoj = \"0s\"\ndurability = \"broker\"",
+    );
     let mut daemons = [env.spawn(&s), env.spawn(&s)];
     for d in &daemons {
         wait_registered(d, 2, Duration::from_secs(20)).await;
