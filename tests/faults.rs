@@ -71,7 +71,10 @@ async fn kill9_while_batches_wait_on_a_table_lock_acks_nothing_uncommitted() {
     env.wait_for(
         "unacked deliveries to return to the queue",
         Duration::from_secs(30),
-        || async { env.loaded().await.0 + env.queue_depth().await as i64 == 20_000 },
+        // ≥: a batch that committed just before the kill may not have had its ack applied; its
+        // rows are then both loaded and back in the queue (the restart below skips them by
+        // message_id, and the exact count is asserted at the end).
+        || async { env.loaded().await.0 + env.queue_depth().await as i64 >= 20_000 },
     )
     .await;
     let mut daemon = env.spawn(&settings);

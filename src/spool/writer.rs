@@ -454,7 +454,7 @@ impl Files {
             r.read_exact(&mut head)
                 .map_err(io_err(&path, "reading the spool"))?;
             let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as u64;
-            if n % INDEX_EVERY == 0 {
+            if n.is_multiple_of(INDEX_EVERY) {
                 let seq = u64::from_le_bytes(head[8..16].try_into().unwrap_or_default());
                 self.index.push((seq, off));
             }
@@ -533,7 +533,7 @@ async fn run(
                 pending.since = Some(Instant::now());
             }
             let start = pending.buf.len() as u64;
-            if *count % INDEX_EVERY == 0 {
+            if count.is_multiple_of(INDEX_EVERY) {
                 pending.index.push((seq, *logical));
             }
             *count += 1;
