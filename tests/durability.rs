@@ -350,17 +350,8 @@ async fn corrupt_spool_tail_loads_every_whole_record_once() {
     let env = Env::new("corrupt").await;
     // conveyor's own tables first, so that robust marks can be written before the start.
     let config = env.write_config(&Settings::default());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
-        .arg("--config")
-        .arg(&config)
-        .arg("migrate")
-        .output()
-        .expect("run conveyor migrate");
-    assert!(
-        out.status.success(),
-        "migrate: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, _, err) = support::cli(&config, &["migrate"]);
+    assert_eq!(code, Some(0), "migrate: {err}");
 
     let path = conveyor::spool::spool_path(&env.state_dir(), "person", "01");
     assert_eq!(

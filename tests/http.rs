@@ -89,17 +89,8 @@ async fn metrics_count_what_was_committed_and_health_answers() {
 async fn a_conveyor_config_row_overrides_the_file_for_the_next_job() {
     let env = Env::new("params").await;
     let config = env.write_config(&Settings::default());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
-        .arg("--config")
-        .arg(&config)
-        .arg("migrate")
-        .output()
-        .expect("run conveyor migrate");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, _, err) = support::cli(&config, &["migrate"]);
+    assert_eq!(code, Some(0), "migrate: {err}");
     let mut db = support::pg().await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO {}.config (pipeline, pack, sessions) VALUES ('person', 7, NULL)",
