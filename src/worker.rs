@@ -18,6 +18,7 @@
 
 mod consume;
 mod recover;
+mod spooled;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

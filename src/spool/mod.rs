@@ -15,6 +15,7 @@
 //! covers it instead of after a database commit, so a slow or restarting database never holds
 //! the queue's unacked window hostage, and a handoff does not wait for in-flight commits.
 
+mod files;
 pub mod frame;
 pub mod owned;
 pub mod ranges;
