@@ -16,7 +16,6 @@ use lapin::BasicProperties;
 use sqlx::Connection;
 
 use crate::config::{Config, PipelineConfig, QueueDeclare, SecretUrl};
-use crate::decode::Decoder;
 use crate::pack::Packer;
 use crate::sink::{self, Target};
 use crate::source;
@@ -36,8 +35,6 @@ pub enum ReplayError {
     Db(#[from] crate::db::DbError),
     #[error(transparent)]
     Sink(#[from] sink::SinkError),
-    #[error("the pipeline's settings do not fit the target table: {0}")]
-    Decode(#[from] crate::decode::DecodeError),
     #[error("{what}: {source}")]
     Query {
         what: &'static str,
@@ -216,26 +213,12 @@ pub async fn direct(
     let total = messages(contents).count() as u64;
     let mut conn = crate::db::connect(&config.database_url, config.connect_timeout).await?;
     crate::db::migrate(&config.database_url, &config.schema, config.connect_timeout).await?;
-    let columns =
-        sink::catalog::read_columns(&mut conn, p.target_schema.as_deref(), &p.target_table).await?;
-    let mut decoder = Decoder::new(&columns, p)?;
     let job = format!(
         "replay_{}_{}",
         chrono::Utc::now().format("%Y%m%d_%H%M%S"),
         p.name
     );
-    let cols: Vec<&str> = decoder.copy_columns().collect();
-    let target = Target::new(
-        &p.name,
-        &job,
-        &config.schema,
-        p.target_schema.as_deref(),
-        &p.target_table,
-        &cols,
-    );
-    sink::errors::create(&mut conn, &target.et_table)
-        .await
-        .map_err(query("creating the error table"))?;
+    let (mut decoder, target) = sink::prepare(&mut conn, &config.schema, p, &job).await?;
     let bar = bar(total, progress);
     let mut report = ReplayReport::default();
     let mut packer = Packer::new(p.pack, Duration::from_secs(3600));

@@ -40,6 +40,8 @@ pub enum SinkError {
     },
     #[error(transparent)]
     Db(#[from] crate::db::DbError),
+    #[error("the pipeline's settings do not fit the target table: {0}")]
+    Decode(#[from] crate::decode::DecodeError),
 }
 
 impl SinkError {
@@ -49,6 +51,7 @@ impl SinkError {
             SinkError::NoTable { .. } => false,
             SinkError::Query { source, .. } => is_retryable(source),
             SinkError::Db(_) => true,
+            SinkError::Decode(_) => false,
         }
     }
 }
@@ -133,6 +136,35 @@ impl Target {
         });
         self
     }
+}
+
+/// Everything writing for `job` into pipeline `p`'s target needs, read from the catalogue now:
+/// the decoder, the SQL, and the job's error table (created if missing). Used by recovery and
+/// replay, which load under a job name of their own.
+pub async fn prepare(
+    conn: &mut PgConnection,
+    schema: &str,
+    p: &crate::config::PipelineConfig,
+    job: &str,
+) -> Result<(crate::decode::Decoder, Target), SinkError> {
+    let columns = catalog::read_columns(conn, p.target_schema.as_deref(), &p.target_table).await?;
+    let decoder = crate::decode::Decoder::new(&columns, p)?;
+    let cols: Vec<&str> = decoder.copy_columns().collect();
+    let target = Target::new(
+        &p.name,
+        job,
+        schema,
+        p.target_schema.as_deref(),
+        &p.target_table,
+        &cols,
+    );
+    errors::create(conn, &target.et_table)
+        .await
+        .map_err(|source| SinkError::Query {
+            what: "creating the error table",
+            source,
+        })?;
+    Ok((decoder, target))
 }
 
 /// What a session reports back to the worker for each batch it took.

@@ -14,7 +14,6 @@ use tracing::{info, warn};
 
 use super::{query, SlotContext, WorkerError};
 use crate::config::PipelineConfig;
-use crate::decode::Decoder;
 use crate::job::{Jobs, Recovered};
 use crate::pack::Packer;
 use crate::report::Report;
@@ -52,22 +51,7 @@ pub(super) async fn recover(
     for (a, b) in marks {
         committed.insert(a as u64, b as u64);
     }
-    let columns =
-        sink::catalog::read_columns(&mut control, p.target_schema.as_deref(), &p.target_table)
-            .await?;
-    let mut decoder = Decoder::new(&columns, p)?;
-    let cols: Vec<&str> = decoder.copy_columns().collect();
-    let target = Target::new(
-        &p.name,
-        &job,
-        &config.schema,
-        p.target_schema.as_deref(),
-        &p.target_table,
-        &cols,
-    );
-    sink::errors::create(&mut control, &target.et_table)
-        .await
-        .map_err(query("creating the error table"))?;
+    let (mut decoder, target) = sink::prepare(&mut control, &config.schema, p, &job).await?;
     let mut report = Report::new(&config.report_dir, &job);
     report
         .event(
