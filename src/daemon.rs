@@ -145,8 +145,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     // Held until `run` returns: the slots' spool directories belong to this process.
     let mut state_locks = Vec::new();
     let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let closed = Arc::new(tokio::sync::Notify::new());
+    // A first run at start-up consolidates what an earlier process left behind.
+    closed.notify_one();
+    tracker.spawn(crate::rotator::postjob(
+        config.clone(),
+        closed.clone(),
+        shutdown.child_token(),
+    ));
     for p in config.pipelines.iter().cloned() {
-        let state = Arc::new(crate::rotator::PipelineState::default());
+        let state = Arc::new(crate::rotator::PipelineState::new(closed.clone()));
         let pipeline_cancel = shutdown.child_token();
         // Both slots' spools are read before either registers, so each slot knows every message
         // the pipeline's spools own before any redelivery can reach it.

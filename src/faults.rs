@@ -12,6 +12,8 @@ pub const BEFORE_ACK: &str = "before_ack";
 pub const MID_CHECKPOINT: &str = "mid_checkpoint";
 pub const HANDOFF: &str = "handoff";
 pub const MID_RECOVERY: &str = "mid_recovery";
+/// After a consolidation step committed, before the next one.
+pub const MID_CONSOLIDATION: &str = "mid_consolidation";
 
 static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
 static PASSES: AtomicU64 = AtomicU64::new(0);

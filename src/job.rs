@@ -60,6 +60,13 @@ pub fn job_name(start: DateTime<Utc>, pipeline: &str, slot: &str) -> String {
     format!("{}_{pipeline}_{slot}", start.format("%Y%m%d_%H%M%S"))
 }
 
+/// This machine's name, as recorded on jobs and runs.
+pub fn host() -> String {
+    hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 /// Counters a worker keeps for its job.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -71,10 +78,12 @@ pub struct Counts {
     pub skipped: u64,
     /// Redeliveries of messages already owned (spool) or loaded (message_id), not loaded again.
     pub duplicates: u64,
+    /// Of `rejected`, the rows that went to `uv_<job>` (duplicates of a unique key).
+    pub uv: u64,
 }
 
-/// The counters' columns, bound by [`bind_counts`] as $2..$7 after the job name ($1).
-const COUNTS_SET: &str = "rows_read = $2, rows_inserted = $3, rows_rejected = $4, batches = $5, rows_skipped = $6, rows_duplicate = $7";
+/// The counters' columns, bound by [`bind_counts`] as $2..$8 after the job name ($1).
+const COUNTS_SET: &str = "rows_read = $2, rows_inserted = $3, rows_rejected = $4, batches = $5, rows_skipped = $6, rows_duplicate = $7, rows_uv = $8";
 
 fn bind_counts<'q>(
     q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
@@ -88,6 +97,7 @@ fn bind_counts<'q>(
         .bind(c.batches as i64)
         .bind(c.skipped as i64)
         .bind(c.duplicates as i64)
+        .bind(c.uv as i64)
 }
 
 /// What recovering a crashed job's spool did.
@@ -97,6 +107,8 @@ pub struct Recovered {
     pub loaded: u64,
     pub inserted: u64,
     pub rejected: u64,
+    /// Of `rejected`, the duplicates of a unique key.
+    pub uv: u64,
     /// Records skipped because a robust mark covers them (committed before the crash).
     pub covered: u64,
     pub damaged_bytes: u64,
@@ -134,9 +146,7 @@ impl Jobs {
         slot: &str,
         params: &serde_json::Value,
     ) -> Result<String, sqlx::Error> {
-        let host = hostname::get()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_else(|_| "unknown".into());
+        let host = host();
         loop {
             let name = job_name(Utc::now(), pipeline, slot);
             let r = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -274,7 +284,7 @@ impl Jobs {
             "UPDATE {} SET status = {STATUS_SUCCESS}, end_reason = 'crash', ended_at = clock_timestamp(),
                     phase = 'ended', rows_recovered = rows_recovered + $2,
                     rows_inserted = rows_inserted + $3, rows_rejected = rows_rejected + $4,
-                    rows_skipped = rows_skipped + $5,
+                    rows_skipped = rows_skipped + $5, rows_uv = rows_uv + $7,
                     error = $6
              WHERE job_name = $1",
             self.table
@@ -291,6 +301,7 @@ impl Jobs {
             r.covered,
             r.damaged_bytes
         ))
+        .bind(r.uv as i64)
         .execute(conn)
         .await?;
         Ok(())
@@ -318,8 +329,8 @@ impl Jobs {
     ) -> Result<(), sqlx::Error> {
         let sql = format!(
             "UPDATE {} SET {COUNTS_SET},
-                    status = $8, end_reason = $9, error = $10, ended_at = clock_timestamp(), phase = 'ended',
-                    last_delivery_at = to_timestamp($11::float8 / 1e6)
+                    status = $9, end_reason = $10, error = $11, ended_at = clock_timestamp(), phase = 'ended',
+                    last_delivery_at = to_timestamp($12::float8 / 1e6)
              WHERE job_name = $1",
             self.table
         );

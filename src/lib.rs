@@ -9,6 +9,7 @@
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod consolidate;
 pub mod daemon;
 pub mod db;
 pub mod decode;

@@ -29,6 +29,8 @@ pub const SPOOL_FAILING: &str = "conveyor_spool_failing";
 pub const CHECKPOINTS: &str = "conveyor_checkpoints_total";
 pub const RECOVERED_ROWS: &str = "conveyor_recovered_rows_total";
 pub const DUPLICATES_SKIPPED: &str = "conveyor_duplicates_skipped_total";
+pub const CONSOLIDATION_RUNS: &str = "conveyor_consolidation_runs_total";
+pub const ERROR_HISTORY_ROWS: &str = "conveyor_error_history_rows";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
@@ -135,6 +137,14 @@ fn describe() {
         "spooled rows loaded at start-up after a crash (not covered by a robust mark)"
     );
     describe_counter!(
+        CONSOLIDATION_RUNS,
+        "error-table consolidation runs, by result (0 ok, 1 error, 2 locked by another caller)"
+    );
+    describe_gauge!(
+        ERROR_HISTORY_ROWS,
+        "rows in conveyor.error_history, as counted after the last consolidation run"
+    );
+    describe_counter!(
         DUPLICATES_SKIPPED,
         "redelivered messages already owned by a spool or recorded as loaded, acked and not loaded again"
     );
@@ -183,6 +193,15 @@ pub fn duplicates_skipped(pipeline: &str, n: u64) {
 
 pub fn messages_received(pipeline: &str, n: u64) {
     metrics::counter!(MESSAGES_RECEIVED, "pipeline" => pipeline.to_string()).increment(n);
+}
+
+/// One consolidation run ended with `result` (0, 1 or 2).
+pub fn consolidation_run(result: i16) {
+    metrics::counter!(CONSOLIDATION_RUNS, "result" => result.to_string()).increment(1);
+}
+
+pub fn error_history_rows(n: i64) {
+    metrics::gauge!(ERROR_HISTORY_ROWS).set(n as f64);
 }
 
 /// Emitted once per committed batch.

@@ -127,7 +127,8 @@ pub struct ReplayReport {
     pub inserted: u64,
     pub rejected: u64,
     /// `--direct`: the error table holding the rejected rows (dropped when empty).
-    pub error_table: Option<String>,
+    /// The error tables that kept rows (et_/uv_ of the replay's job).
+    pub error_tables: Vec<String>,
     pub seconds: f64,
 }
 
@@ -250,11 +251,14 @@ pub async fn direct(
         .execute(&mut conn)
         .await
         .map_err(query("deleting the replay's robust marks"))?;
-    let errors = sink::errors::drop_if_empty(&mut conn, &target.et_table)
+    let errors = sink::errors::drop_empty(&mut conn, &target.et_table, &target.uv_table)
         .await
-        .map_err(query("checking the error table"))?;
-    if errors > 0 {
-        report.error_table = Some(target.et_table.clone());
+        .map_err(query("checking the error tables"))?;
+    if errors.et > 0 {
+        report.error_tables.push(target.et_table.clone());
+    }
+    if errors.uv > 0 {
+        report.error_tables.push(target.uv_table.clone());
     }
     let _ = conn.close().await;
     report.seconds = started.elapsed().as_secs_f64();

@@ -34,6 +34,8 @@ pub struct PipelineState {
     /// Workers registered with the broker and not yet active. Ending a job while this is 0
     /// leaves the queue unowned until the partner finishes initialising, so the rotator waits.
     standbys: std::sync::atomic::AtomicUsize,
+    /// Wakes the post-job task (shared by all pipelines of the process) when a job is closed.
+    closed: Arc<tokio::sync::Notify>,
 }
 
 /// The end of the last local job, the start of a handoff.
@@ -64,6 +66,20 @@ struct Active {
 }
 
 impl PipelineState {
+    /// A pipeline's state whose closed jobs wake `postjob`'s task.
+    pub fn new(closed: Arc<tokio::sync::Notify>) -> PipelineState {
+        PipelineState {
+            closed,
+            ..PipelineState::default()
+        }
+    }
+
+    /// A job's row is closed (ended, or recovered after a crash): its error tables can be
+    /// consolidated.
+    pub fn job_closed(&self) {
+        self.closed.notify_one();
+    }
+
     /// A job got its first delivery. Returns the handoff gap when the job before it ended
     /// with the queue still flowing (schedule, manual, priority, rows), not after idling.
     pub fn activated(
@@ -248,6 +264,35 @@ pub async fn run(
                     let _ = conn.close(200, "rotator reconnecting".into()).await;
                     continue 'connect;
                 }
+            }
+        }
+    }
+}
+
+/// The post-job task: after every closed job (of any pipeline of this process) it consolidates
+/// the error tables of all ended jobs (`consolidate`). Wake-ups that arrive during a run
+/// coalesce into one more run, so a burst of job ends costs at most two runs.
+pub async fn postjob(
+    config: Arc<Config>,
+    closed: Arc<tokio::sync::Notify>,
+    cancel: CancellationToken,
+) {
+    if !config.consolidate.after_job {
+        return;
+    }
+    let caller = format!("rotator@{}:{}", crate::job::host(), std::process::id());
+    loop {
+        tokio::select! {
+            _ = closed.notified() => {}
+            _ = cancel.cancelled() => return,
+        }
+        let opts = crate::consolidate::Options::from_config(&config, caller.clone());
+        // Not cancelled on shutdown mid-step: a step is one short transaction, and a killed
+        // run is resumed by the next one anyway.
+        match crate::consolidate::run(&config, &opts).await {
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "post-job consolidation could not start; the next job end retries")
             }
         }
     }

@@ -295,10 +295,8 @@ impl Job {
         if !spooled {
             target = target.with_dedup(&config.schema);
         }
+        target.setup(&mut control, p.mode).await?;
         let target = Arc::new(target);
-        sink::errors::create(&mut control, &target.et_table)
-            .await
-            .map_err(query("creating the error table"))?;
         let sessions = p.sessions.max(p.priority_sessions.unwrap_or(0));
         let mut session_conns = Vec::with_capacity(sessions);
         for _ in 0..sessions {
@@ -466,7 +464,7 @@ impl Job {
         let counts = self.counts;
         let jobs = self.jobs.clone();
         let name = self.name.clone();
-        let et = self.target.et_table.clone();
+        let (et, uv) = (self.target.et_table.clone(), self.target.uv_table.clone());
         let robust_delete = self.target.robust_delete.clone();
         let (dedup, acks_settled) = (self.target.dedup.is_some(), self.acks_settled);
         let schema = self.schema.clone();
@@ -485,7 +483,7 @@ impl Job {
                         last_delivery_us: last,
                     };
                     jobs.end(c, &name, &counts, &end).await?;
-                    let errors = sink::errors::drop_if_empty(c, &et).await?;
+                    let errors = sink::errors::drop_empty(c, &et, &uv).await?;
                     if !spool_kept {
                         // With the spool kept, its recovery needs the marks to skip what committed.
                         sqlx::query(sqlx::AssertSqlSafe(robust_delete))
@@ -513,7 +511,7 @@ impl Job {
             }
         }
         crate::metrics::job_ended(pipeline, status, reason.as_str());
-        info!(job = %name, read = counts.read, inserted = counts.inserted, rejected = counts.rejected, skipped = counts.skipped, batches = counts.batches, error_rows, end_reason = reason.as_str(), "job ended");
+        info!(job = %name, read = counts.read, inserted = counts.inserted, rejected = counts.rejected, skipped = counts.skipped, batches = counts.batches, et_rows = error_rows.map(|r| r.et), uv_rows = error_rows.map(|r| r.uv), end_reason = reason.as_str(), "job ended");
         let r = &mut self.report;
         r.event(
             "ImportEnd",
@@ -535,8 +533,14 @@ impl Job {
             ),
         )
         .await;
-        if error_rows == Some(0) {
-            r.event("ErrTableDrop", &format!("Name={et}, Rows=0")).await;
+        // Empty tables go now (MultiLoad's cleanup); the others after consolidation.
+        if let Some(rows) = error_rows {
+            if rows.et == 0 {
+                r.event("ErrTableDrop", &format!("Name={et}, Rows=0")).await;
+            }
+            if rows.uv == 0 {
+                r.event("ErrTableDrop", &format!("Name={uv}, Rows=0")).await;
+            }
         }
         r.event(
             "Exit",

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use rand::SeedableRng;
 use serde_json::{json, Value};
-use sqlx::Row;
 use support::{Env, Settings};
 
 /// A valid `person` body with id `n` (20 digits), after `edit` changed its fields.
@@ -26,26 +25,11 @@ fn person(n: u64, seed: u64, edit: impl FnOnce(&mut serde_json::Map<String, Valu
 
 /// Error rows of every error table of the test's schema: (code, sqlstate, raw).
 async fn error_details(env: &Env) -> Vec<(String, Option<String>, Vec<u8>)> {
-    let mut db = support::pg().await;
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 AND table_name LIKE 'et\\_%'",
-    )
-    .bind(&env.schema)
-    .fetch_all(&mut db)
-    .await
-    .expect("list error tables");
-    let mut out = Vec::new();
-    for t in tables {
-        let sql = format!("SELECT code, sqlstate, raw FROM {}.\"{t}\"", env.schema);
-        for r in sqlx::query(sqlx::AssertSqlSafe(sql))
-            .fetch_all(&mut db)
-            .await
-            .expect("read error table")
-        {
-            out.push((r.get("code"), r.get("sqlstate"), r.get("raw")));
-        }
-    }
-    out
+    env.error_rows_full()
+        .await
+        .into_iter()
+        .map(|e| (e.code, e.sqlstate, e.raw))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,8 @@
 //! The command line: argument definitions and dispatch; one thin file per subcommand.
 
+mod consolidate;
 mod eoj;
+mod errors;
 mod feed;
 mod migrate;
 mod replay;
@@ -53,7 +55,42 @@ pub enum Command {
     /// headers. Use --direct to restore a table, --to-queue to re-process rows through the
     /// running daemon (e.g. after fixing what rejected them).
     Replay(replay::ReplayArgs),
+    /// Show rejected rows: the error tables of running jobs and the history of ended ones.
+    ///
+    /// Raw payloads are shown decoded where they are text, escaped where not. --export writes
+    /// them as JSON lines that `conveyor feed --file` re-sends (after you fixed them).
+    Errors(errors::ErrorsArgs),
+    /// Move ended jobs' error tables (et_<job>, uv_<job>) into error_history and drop them.
+    ///
+    /// The rotator does this after every job; run it by hand after a failure or with
+    /// consolidate.after_job = false. One run at a time: exit 2 says who holds the lock.
+    /// Exit 1: the run failed (resumable; fix the cause, then --reset).
+    Consolidate(consolidate::ConsolidateArgs),
 }
+
+/// An error that also chooses the process's exit code (e.g. consolidate's result 2).
+#[derive(Debug)]
+pub struct Exit {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Exit {
+    pub fn new(code: u8, message: impl Into<String>) -> Exit {
+        Exit {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
 
 /// Parses the command line and runs the command; the binary's only entry point.
 pub fn main() -> std::process::ExitCode {
@@ -75,6 +112,8 @@ pub fn main() -> std::process::ExitCode {
             Command::Feed(args) => feed::run(&cli.config, args).await,
             Command::Eoj(args) => eoj::run(&cli.config, args).await,
             Command::Replay(args) => replay::run(&cli.config, args).await,
+            Command::Errors(args) => errors::run(&cli.config, args).await,
+            Command::Consolidate(args) => consolidate::run(&cli.config, args).await,
         }
     });
     match result {
@@ -82,7 +121,10 @@ pub fn main() -> std::process::ExitCode {
         Err(e) => {
             // `{e}` only: conveyor's error types already carry their cause in their message.
             eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
+            match e.downcast_ref::<Exit>() {
+                Some(x) => std::process::ExitCode::from(x.code),
+                None => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -94,9 +94,14 @@ pub async fn run(config_path: &Path, args: ReplayArgs) -> anyhow::Result<()> {
             pipeline.target_table,
             r.seconds,
             r.rejected,
-            r.error_table
-                .map(|t| format!(" (see {t})"))
-                .unwrap_or_default()
+            if r.error_tables.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (see {}, or `conveyor errors`)",
+                    r.error_tables.join(" and ")
+                )
+            }
         );
     }
     if contents.scan.damaged_bytes() > 0 {

@@ -14,7 +14,9 @@ use serde::Deserialize;
 
 mod pipeline;
 
-pub use pipeline::{Durability, Handoff, PipelineConfig, QueueDeclare, RawPipeline, UnknownFields};
+pub use pipeline::{
+    Durability, Handoff, LoadMode, PipelineConfig, QueueDeclare, RawPipeline, UnknownFields,
+};
 
 /// Environment variable that overrides `amqp.url` (keeps secrets out of the file).
 pub const ENV_AMQP_URL: &str = "CONVEYOR_AMQP_URL";
@@ -60,7 +62,54 @@ pub struct RawConfig {
     #[serde(default)]
     pub journal: RawJournal,
     #[serde(default)]
+    pub consolidate: RawConsolidate,
+    #[serde(default)]
     pub pipeline: Vec<RawPipeline>,
+}
+
+/// `[consolidate]`: moving each ended job's error tables into `error_history` (DESIGN §4).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsolidate {
+    /// Rows moved per transaction: bounds lock time and WAL per step; a killed run loses at
+    /// most one step's work, which the next run redoes.
+    #[serde(default = "default_consolidate_limit")]
+    pub limit: u32,
+    /// `conveyor consolidate --override` takes over a run that has held the lock this long.
+    #[serde(default = "default_override_after")]
+    pub override_after: String,
+    /// Whether the rotator consolidates after every job (off: run `conveyor consolidate`
+    /// from cron instead).
+    #[serde(default = "default_true")]
+    pub after_job: bool,
+}
+
+impl Default for RawConsolidate {
+    fn default() -> Self {
+        Self {
+            limit: default_consolidate_limit(),
+            override_after: default_override_after(),
+            after_job: true,
+        }
+    }
+}
+
+fn default_consolidate_limit() -> u32 {
+    10_000
+}
+fn default_override_after() -> String {
+    "1h".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Validated `[consolidate]`.
+#[derive(Debug, Clone)]
+pub struct ConsolidateConfig {
+    pub limit: u32,
+    pub override_after: Duration,
+    pub after_job: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -244,6 +293,7 @@ pub struct Config {
     pub journal_dir: PathBuf,
     pub log_format: LogFormat,
     pub log_level: String,
+    pub consolidate: ConsolidateConfig,
     pub pipelines: Vec<PipelineConfig>,
 }
 
@@ -346,6 +396,22 @@ impl RawConfig {
                 self.log.level
             ));
         }
+        if self.consolidate.limit == 0 || self.consolidate.limit > 1_000_000 {
+            problems.push(format!(
+                "consolidate.limit = {} must be between 1 and 1000000",
+                self.consolidate.limit
+            ));
+        }
+        let override_after = match humantime::parse_duration(&self.consolidate.override_after) {
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(format!(
+                    "consolidate.override_after = {:?} is not a duration ({e}; e.g. \"30m\", \"1h\")",
+                    self.consolidate.override_after
+                ));
+                Duration::ZERO
+            }
+        };
         if self.pipeline.is_empty() {
             problems
                 .push("no [[pipeline]] section: define at least one queue → table pipeline".into());
@@ -378,6 +444,11 @@ impl RawConfig {
             journal_dir: self.journal.dir,
             log_format: self.log.format,
             log_level: self.log.level,
+            consolidate: ConsolidateConfig {
+                limit: self.consolidate.limit,
+                override_after,
+                after_job: self.consolidate.after_job,
+            },
             pipelines,
         })
     }

@@ -43,6 +43,19 @@ pub enum Durability {
     Broker,
 }
 
+/// What a row whose unique key is already in the table does (DESIGN §4, `uv_<job>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadMode {
+    /// Plain insert: a duplicate key goes to `uv_<job>`. The first one of a job is found by the
+    /// database (its COPY fails and the row is isolated); from then on every batch is checked
+    /// against the table's unique keys before its COPY.
+    Insert,
+    /// As `insert`, but every batch is checked from the first one (`INSERT … ON CONFLICT DO
+    /// NOTHING` semantics): for feeds where duplicates are expected.
+    InsertIgnore,
+}
+
 /// How the two workers of a pipeline share the queue (DESIGN §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -74,6 +87,8 @@ pub struct RawPipeline {
     pub max_body_bytes: u64,
     #[serde(default = "default_unknown_fields")]
     pub unknown_fields: UnknownFields,
+    #[serde(default = "default_mode")]
+    pub mode: LoadMode,
     #[serde(default = "default_queue_time_header")]
     pub queue_time_header: String,
     #[serde(default)]
@@ -207,6 +222,9 @@ fn default_max_body_bytes() -> u64 {
 fn default_unknown_fields() -> UnknownFields {
     UnknownFields::Reject
 }
+fn default_mode() -> LoadMode {
+    LoadMode::Insert
+}
 fn default_queue_time_header() -> String {
     "x-queue-time".into()
 }
@@ -228,6 +246,7 @@ pub struct PipelineConfig {
     pub max_body_bytes: usize,
     #[serde(skip)]
     pub unknown_fields: UnknownFields,
+    pub mode: LoadMode,
     pub queue_time_header: String,
     pub queue_time_field: Option<String>,
     pub queue_time_column: Option<String>,
@@ -407,6 +426,7 @@ impl RawPipeline {
             sessions: p.sessions as usize,
             max_body_bytes: p.max_body_bytes as usize,
             unknown_fields: p.unknown_fields,
+            mode: p.mode,
             queue_time_header: p.queue_time_header,
             queue_time_field: p.queue_time_field.filter(|f| !f.is_empty()),
             queue_time_column: p.queue_time_column,

@@ -347,6 +347,7 @@ mod tests {
             sessions: 1,
             max_body_bytes: 4096,
             unknown_fields: UnknownFields::Reject,
+            mode: crate::config::LoadMode::Insert,
             queue_time_header: "x-queue-time".into(),
             queue_time_field: None,
             queue_time_column: Some("queue_time".into()),

@@ -1,6 +1,8 @@
-//! The job's error table (`et_<job>`, DESIGN §4): created at job start, filled inside each
-//! batch's transaction (so a crash can neither lose nor double an error row), dropped at job end
-//! when it stayed empty (MultiLoad's cleanup).
+//! The job's error tables (DESIGN §4, MultiLoad's pair): `et_<job>` for rows refused for their
+//! content, `uv_<job>` for rows refused as duplicates of a unique key. Created at job start,
+//! filled inside each batch's transaction (so a crash can neither lose nor double an error row),
+//! dropped at job end when they stayed empty (MultiLoad's cleanup); the rest are moved into
+//! `error_history` by consolidation after the job.
 
 use sqlx::postgres::PgConnection;
 
@@ -10,6 +12,11 @@ use crate::pack::Batch;
 /// `et_<job>`; job names are at most 49 bytes, so this fits PostgreSQL's 63.
 pub fn et_table_name(job: &str) -> String {
     format!("et_{job}")
+}
+
+/// `uv_<job>`.
+pub fn uv_table_name(job: &str) -> String {
+    format!("uv_{job}")
 }
 
 /// Creates the error table `qualified` (schema-qualified, quoted) if it does not exist.
@@ -33,8 +40,35 @@ pub async fn create(conn: &mut PgConnection, qualified: &str) -> Result<(), sqlx
     Ok(())
 }
 
-/// Drops the error table if it holds no row; returns its row count.
-pub async fn drop_if_empty(conn: &mut PgConnection, qualified: &str) -> Result<i64, sqlx::Error> {
+/// Rows left in a job's error tables at its end.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ErrorRows {
+    pub et: i64,
+    pub uv: i64,
+}
+
+/// Drops each of the job's error tables that holds no row (MultiLoad's cleanup) and counts the
+/// rows of the others, which consolidation moves later.
+pub async fn drop_empty(
+    conn: &mut PgConnection,
+    et: &str,
+    uv: &str,
+) -> Result<ErrorRows, sqlx::Error> {
+    Ok(ErrorRows {
+        et: drop_if_empty(conn, et).await?,
+        uv: drop_if_empty(conn, uv).await?,
+    })
+}
+
+/// Drops the error table if it holds no row (or does not exist); returns its row count.
+async fn drop_if_empty(conn: &mut PgConnection, qualified: &str) -> Result<i64, sqlx::Error> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(qualified)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !exists {
+        return Ok(0);
+    }
     let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM {qualified}"
     )))
@@ -51,14 +85,31 @@ pub async fn drop_if_empty(conn: &mut PgConnection, qualified: &str) -> Result<i
 }
 
 /// Inserts the batch's rejected rows (decode rejects plus `db_bad`, rows of `batch.good` the
-/// database refused) in one statement.
+/// database refused): duplicates of a unique key into `uv`, the rest into `et`, one statement
+/// each.
 pub async fn insert_rejects(
+    conn: &mut PgConnection,
+    et: &str,
+    uv: &str,
+    batch: &Batch,
+    db_bad: &[(usize, Reject)],
+) -> Result<(), sqlx::Error> {
+    for (table, dup) in [(et, false), (uv, true)] {
+        insert_kind(conn, table, batch, db_bad, dup).await?;
+    }
+    Ok(())
+}
+
+async fn insert_kind(
     conn: &mut PgConnection,
     qualified: &str,
     batch: &Batch,
     db_bad: &[(usize, Reject)],
+    dup: bool,
 ) -> Result<(), sqlx::Error> {
-    let n = batch.bad.len() + db_bad.len();
+    let is = |r: &Reject| (r.kind == crate::decode::RejectKind::DuplicateKey) == dup;
+    let n = batch.bad.iter().filter(|b| is(&b.reject)).count()
+        + db_bad.iter().filter(|(_, r)| is(r)).count();
     if n == 0 {
         return Ok(());
     }
@@ -80,10 +131,10 @@ pub async fn insert_rejects(
         queue_time.push(qt.and_then(chrono::DateTime::from_timestamp_micros));
         message_id.push(id.clone());
     };
-    for b in &batch.bad {
+    for b in batch.bad.iter().filter(|b| is(&b.reject)) {
         push(b.seq, &b.reject, &b.raw, b.queue_time_us, &b.message_id);
     }
-    for (i, r) in db_bad {
+    for (i, r) in db_bad.iter().filter(|(_, r)| is(r)) {
         let g = &batch.good[*i];
         push(g.seq, r, &g.raw, Some(g.queue_time_us), &g.message_id);
     }

@@ -14,8 +14,10 @@
 
 pub mod catalog;
 pub mod errors;
+pub mod keys;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,8 +75,17 @@ pub fn is_retryable(e: &sqlx::Error) -> bool {
 pub struct Target {
     pub pipeline: String,
     pub job: String,
+    pub table: String,
+    /// The COPY columns, in the order of each line's fields.
+    pub columns: Vec<String>,
     pub copy_sql: String,
     pub et_table: String,
+    pub uv_table: String,
+    /// Unique keys the load fills: the duplicate-key checks before each COPY (`keys.rs`).
+    pub keys: Vec<keys::UniqueKey>,
+    /// Whether batches are checked against the table's keys before their COPY: from the start
+    /// with `mode = "insert_ignore"`, else from the job's first duplicate key.
+    pub probe: AtomicBool,
     pub robust_insert: String,
     pub robust_check: String,
     pub robust_delete: String,
@@ -111,7 +122,12 @@ impl Target {
             pipeline: pipeline.to_string(),
             job: job.to_string(),
             copy_sql: format!("COPY {table} ({}) FROM STDIN", cols.join(", ")),
+            table,
+            columns: columns.iter().map(|c| c.to_string()).collect(),
             et_table: format!("{s}.{}", q(&errors::et_table_name(job))),
+            uv_table: format!("{s}.{}", q(&errors::uv_table_name(job))),
+            keys: Vec::new(),
+            probe: AtomicBool::new(false),
             robust_insert: format!(
                 "INSERT INTO {s}.robust_log (job_name, batch_id, first_seq, last_seq, rows) VALUES ($1, $2, $3, $4, $5)"
             ),
@@ -121,6 +137,32 @@ impl Target {
             ),
             dedup: None,
         }
+    }
+
+    /// Reads the target's unique keys and creates the job's error tables; the last step of
+    /// building a target, on the job's control connection.
+    pub async fn setup(
+        &mut self,
+        conn: &mut PgConnection,
+        mode: crate::config::LoadMode,
+    ) -> Result<(), SinkError> {
+        let cols: Vec<&str> = self.columns.iter().map(String::as_str).collect();
+        self.keys = keys::read_unique_keys(conn, &self.table, &cols)
+            .await
+            .map_err(|source| SinkError::Query {
+                what: "reading the target's unique keys",
+                source,
+            })?;
+        self.probe = AtomicBool::new(mode == crate::config::LoadMode::InsertIgnore);
+        for t in [&self.et_table, &self.uv_table] {
+            errors::create(conn, t)
+                .await
+                .map_err(|source| SinkError::Query {
+                    what: "creating the error tables",
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// Turns on message_id bookkeeping (`durability = "broker"`).
@@ -150,7 +192,7 @@ pub async fn prepare(
     let columns = catalog::read_columns(conn, p.target_schema.as_deref(), &p.target_table).await?;
     let decoder = crate::decode::Decoder::new(&columns, p)?;
     let cols: Vec<&str> = decoder.copy_columns().collect();
-    let target = Target::new(
+    let mut target = Target::new(
         &p.name,
         job,
         schema,
@@ -158,12 +200,7 @@ pub async fn prepare(
         &p.target_table,
         &cols,
     );
-    errors::create(conn, &target.et_table)
-        .await
-        .map_err(|source| SinkError::Query {
-            what: "creating the error table",
-            source,
-        })?;
+    target.setup(conn, p.mode).await?;
     Ok((decoder, target))
 }
 
@@ -188,6 +225,16 @@ pub struct Committed {
     pub first_seq: u64,
     pub last_seq: u64,
     pub commit_seconds: f64,
+}
+
+impl Committed {
+    /// Rows that went to `uv_<job>`.
+    pub fn uv(&self) -> u64 {
+        self.rejected
+            .get(&RejectKind::DuplicateKey)
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 /// Shared receiving end of the batch queue: whichever session is free takes the next batch.
@@ -301,6 +348,10 @@ pub async fn commit_batch(
     let mut db_bad: Vec<(usize, Reject)> = Vec::new();
     let mut bisect = false;
     let mut duplicates = 0u64;
+    if !target.keys.is_empty() {
+        keys::in_batch(batch, &target.keys, &mut excluded, &mut db_bad);
+    }
+    let mut probed = target.keys.is_empty();
     loop {
         let mut tx = conn.begin().await.map_err(q("BEGIN"))?;
         if maybe_committed {
@@ -357,6 +408,19 @@ pub async fn commit_batch(
                 }
             }
         }
+        if !probed && target.probe.load(Ordering::Relaxed) {
+            probed = true;
+            match keys::probe(&mut tx, batch, &target.keys, &mut excluded, &mut db_bad).await {
+                Ok(()) => {}
+                Err(e) if is_retryable(&e) => return Err(q("checking unique keys")(e)),
+                Err(e) => {
+                    // Only a shortcut: without it the database still finds each duplicate.
+                    warn!(job = %target.job, batch = batch.id, error = %e, "could not check the batch's unique keys before its COPY; the database will find duplicates instead");
+                    tx.rollback().await.map_err(q("ROLLBACK"))?;
+                    continue;
+                }
+            }
+        }
         if bisect {
             bisect_rows(&mut tx, target, batch, &mut excluded, &mut db_bad).await?;
         } else if excluded.iter().any(|e| !e) {
@@ -364,6 +428,12 @@ pub async fn commit_batch(
                 Ok(()) => {}
                 Err(e) if is_row_error(&e) => {
                     tx.rollback().await.map_err(q("ROLLBACK"))?;
+                    if is_duplicate_key(&e)
+                        && !target.keys.is_empty()
+                        && !target.probe.swap(true, Ordering::Relaxed)
+                    {
+                        info!(job = %target.job, batch = batch.id, "first duplicate key of the job: from now on each batch's keys are checked before its COPY");
+                    }
                     match copy_line(&e).and_then(|line| nth_included(&excluded, line)) {
                         Some(i) => {
                             excluded[i] = true;
@@ -376,7 +446,7 @@ pub async fn commit_batch(
                 Err(e) => return Err(q("COPY into the target")(e)),
             }
         }
-        errors::insert_rejects(&mut tx, &target.et_table, batch, &db_bad)
+        errors::insert_rejects(&mut tx, &target.et_table, &target.uv_table, batch, &db_bad)
             .await
             .map_err(q("inserting into the error table"))?;
         sqlx::query(sqlx::AssertSqlSafe(target.robust_insert.as_str()))
@@ -553,6 +623,10 @@ fn is_row_error(e: &sqlx::Error) -> bool {
         let c = d.code();
         c.starts_with("22") || c.starts_with("23") || c == "54000"
     })
+}
+
+fn is_duplicate_key(e: &sqlx::Error) -> bool {
+    db_error(e).is_some_and(|d| d.code() == "23505")
 }
 
 /// The 1-based COPY input line an error names (`CONTEXT: COPY person, line 17, column …`).

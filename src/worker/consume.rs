@@ -385,6 +385,7 @@ impl Job {
             crate::metrics::active_worker(&p.name, ctx.slot, false);
         }
         self.end(&p.name, reason, failure, spool_kept).await;
+        ctx.state.job_closed();
         Ok(spool_kept)
     }
 
@@ -646,6 +647,7 @@ impl Job {
             Outcome::Committed(c) => {
                 self.counts.inserted += c.inserted;
                 self.counts.rejected += c.rejected.values().sum::<u64>();
+                self.counts.uv += c.uv();
                 self.counts.duplicates += c.duplicates;
                 self.counts.batches += 1;
                 crate::metrics::batch_committed(&self.target.pipeline, &c);

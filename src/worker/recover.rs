@@ -118,7 +118,7 @@ pub(super) async fn recover(
     jobs.end_recovered(&mut control, &job, &totals)
         .await
         .map_err(query("closing the recovered job"))?;
-    let errors = sink::errors::drop_if_empty(&mut control, &target.et_table)
+    let errors = sink::errors::drop_empty(&mut control, &target.et_table, &target.uv_table)
         .await
         .map_err(query("checking the error table"))?;
     sqlx::query(sqlx::AssertSqlSafe(target.robust_delete.as_str()))
@@ -155,17 +155,20 @@ pub(super) async fn recover(
         .event(
             "RecoveryEnd",
             &format!(
-                "Loaded={}, Inserted={}, Rejected={}, AlreadyCommitted={}, ErrorRows={errors}, Seconds={:.3}",
+                "Loaded={}, Inserted={}, Rejected={}, AlreadyCommitted={}, ErrorRows={}, UvRows={}, Seconds={:.3}",
                 totals.loaded,
                 totals.inserted,
                 totals.rejected,
                 totals.covered,
+                errors.et,
+                errors.uv,
                 started.elapsed().as_secs_f64()
             ),
         )
         .await;
     info!(pipeline = %p.name, slot = ctx.slot, job = %job, loaded = totals.loaded, inserted = totals.inserted, rejected = totals.rejected, already_committed = totals.covered, "crashed job recovered and closed");
     let _ = control.close().await;
+    ctx.state.job_closed();
     Ok(())
 }
 
@@ -194,6 +197,7 @@ async fn commit(
                 Ok(done) => {
                     totals.inserted += done.inserted;
                     totals.rejected += done.rejected.values().sum::<u64>();
+                    totals.uv += done.uv();
                     crate::faults::point(crate::faults::MID_RECOVERY);
                     return Ok(());
                 }

@@ -47,6 +47,8 @@ pub struct Settings {
     pub pipeline: String,
     /// `[http] listen`; default "" (no listener).
     pub http_listen: String,
+    /// Sections written before `[[pipeline]]` (e.g. `[consolidate]\nafter_job = false`).
+    pub top: String,
 }
 
 impl Default for Settings {
@@ -63,6 +65,7 @@ impl Default for Settings {
             report_dir: None,
             pipeline: "person".into(),
             http_listen: String::new(),
+            top: String::new(),
         }
     }
 }
@@ -132,7 +135,8 @@ level = "info"
 dir = {state:?}
 [journal]
 dir = {journal:?}
-{report}[[pipeline]]
+{report}{top}
+[[pipeline]]
 name = "{pipeline}"
 queue = "{queue}"
 target = "{schema}.person"
@@ -163,6 +167,7 @@ queue_time_column = "queue_time"
             journal = self.dir.join("journal").display().to_string(),
             pipeline = s.pipeline,
             http_listen = s.http_listen,
+            top = s.top,
         );
         let path = self.config_path();
         std::fs::write(&path, text).expect("write config");
@@ -314,53 +319,82 @@ queue_time_column = "queue_time"
             .expect("scalar query")
     }
 
-    /// Error-table rows over every job of this test: (code, count), sorted by code.
+    /// Error rows over every job of this test: (code, count), sorted by code.
     pub async fn error_codes(&self) -> Vec<(String, i64)> {
-        let mut db = pg().await;
-        let tables = self.error_tables(&mut db).await;
-        // One table at a time: a job drops its error table at its end if it stayed empty, which
-        // can happen between listing and reading (rotation); a vanished table counts nothing.
         let mut counts = std::collections::BTreeMap::<String, i64>::new();
-        for t in tables {
-            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT code, count(*)::int8 AS n FROM {}.\"{t}\" GROUP BY code",
-                self.schema
-            )))
-            .fetch_all(&mut db)
-            .await
-            .unwrap_or_default();
-            for r in rows {
-                *counts.entry(r.get("code")).or_default() += r.get::<i64, _>("n");
-            }
+        for (code, _, _) in self.error_rows().await {
+            *counts.entry(code).or_default() += 1;
         }
         counts.into_iter().collect()
     }
 
-    /// All error rows: (code, raw bytes, message), for content checks.
+    /// All error rows of this test's jobs, wherever they are now (a job's `et_`/`uv_` tables or,
+    /// once consolidated, `error_history`): (code, raw bytes, message), for content checks.
     pub async fn error_rows(&self) -> Vec<(String, Vec<u8>, String)> {
-        let mut db = pg().await;
-        let tables = self.error_tables(&mut db).await;
-        let mut out = Vec::new();
-        for t in tables {
-            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT code, raw, message FROM {}.\"{t}\"",
-                self.schema
-            )))
-            .fetch_all(&mut db)
+        self.error_rows_full()
             .await
-            .expect("read error table");
-            out.extend(
-                rows.iter()
-                    .map(|r| (r.get("code"), r.get("raw"), r.get("message"))),
-            );
-        }
-        out
+            .into_iter()
+            .map(|e| (e.code, e.raw, e.message))
+            .collect()
     }
 
-    /// The per-job error tables (`et_<job>`) in this test's schema.
-    async fn error_tables(&self, db: &mut PgConnection) -> Vec<String> {
+    /// Every column that matters of every error row. One statement reads the tables and the
+    /// history, so a consolidation step (one transaction) can neither hide nor double a row; a
+    /// table dropped between listing and reading makes it retry.
+    pub async fn error_rows_full(&self) -> Vec<ErrorRow> {
+        let mut db = pg().await;
+        for _ in 0..20 {
+            let tables = self.error_tables(&mut db).await;
+            // Before the daemon's first migration there is no history table yet.
+            let history: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+                .bind(format!("{}.error_history", self.schema))
+                .fetch_one(&mut db)
+                .await
+                .expect("look up error_history");
+            let mut parts = vec![format!(
+                "SELECT kind, code, sqlstate, raw, message, seq FROM {}.error_history",
+                self.schema
+            )];
+            if !history {
+                parts.clear();
+            }
+            if parts.is_empty() && tables.is_empty() {
+                return Vec::new();
+            }
+            for t in &tables {
+                parts.push(format!(
+                    "SELECT '{}'::text, code, sqlstate, raw, message, seq FROM {}.\"{t}\"",
+                    &t[..2],
+                    self.schema
+                ));
+            }
+            match sqlx::query(sqlx::AssertSqlSafe(parts.join(" UNION ALL ")))
+                .fetch_all(&mut db)
+                .await
+            {
+                Ok(rows) => {
+                    return rows
+                        .iter()
+                        .map(|r| ErrorRow {
+                            kind: r.get(0),
+                            code: r.get(1),
+                            sqlstate: r.get(2),
+                            raw: r.get(3),
+                            message: r.get(4),
+                            seq: r.get(5),
+                        })
+                        .collect()
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        panic!("could not read the error rows (tables kept vanishing)");
+    }
+
+    /// The per-job error tables (`et_<job>`, `uv_<job>`) in this test's schema.
+    pub async fn error_tables(&self, db: &mut PgConnection) -> Vec<String> {
         sqlx::query_scalar(
-            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 AND table_name LIKE 'et\\_%'",
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 AND (table_name LIKE 'et\\_%' OR table_name LIKE 'uv\\_%') ORDER BY 1",
         )
         .bind(&self.schema)
         .fetch_all(db)
@@ -493,13 +527,34 @@ pub fn sample(metrics: &str, name: &str, labels: &[&str]) -> f64 {
 /// Runs the conveyor binary with `args` (e.g. `replay --direct FILE`) against `config`;
 /// returns (exit code, stdout, stderr).
 pub fn cli(config: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_conveyor"))
-        .arg("--config")
+    cli_env(config, args, &[])
+}
+
+/// The conveyor binary as a command for `config`, run in the config's directory (so relative
+/// paths such as the default report dir stay inside the test's directory).
+pub fn cli_command(config: &std::path::Path, args: &[&str], vars: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_conveyor"));
+    c.arg("--config")
         .arg(config)
         .args(args)
         .env_remove("RUST_LOG")
         .env_remove("CONVEYOR_AMQP_URL")
         .env_remove("CONVEYOR_DATABASE_URL")
+        .env_remove("CONVEYOR_CRASH_AT")
+        .envs(vars.iter().copied());
+    if let Some(dir) = config.parent() {
+        c.current_dir(dir);
+    }
+    c
+}
+
+/// [`cli`] with extra environment variables (e.g. `CONVEYOR_CRASH_AT`).
+pub fn cli_env(
+    config: &std::path::Path,
+    args: &[&str],
+    vars: &[(&str, &str)],
+) -> (Option<i32>, String, String) {
+    let out = cli_command(config, args, vars)
         .output()
         .expect("run conveyor");
     (
@@ -702,4 +757,16 @@ async fn copy(
             }
         }
     }
+}
+
+/// One error row, from a job's `et_`/`uv_` table or from `error_history`.
+#[derive(Debug, Clone)]
+pub struct ErrorRow {
+    /// "et" or "uv".
+    pub kind: String,
+    pub code: String,
+    pub sqlstate: Option<String>,
+    pub raw: Vec<u8>,
+    pub message: String,
+    pub seq: i64,
 }
