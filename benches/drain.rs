@@ -240,6 +240,14 @@ async fn conveyor_drain(w: &World, db: &mut PgConnection, n: u64, extra: &str) -
             start.elapsed() < Duration::from_secs(600),
             "drain did not finish in 10 minutes"
         );
+        if std::env::var("DRAIN_TRACE").is_ok() {
+            eprintln!(
+                "{:>8.3}s rows {} rejected {}",
+                start.elapsed().as_secs_f64(),
+                rows - before.0,
+                rejected - before.1
+            );
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secs = start.elapsed().as_secs_f64();
@@ -268,10 +276,11 @@ async fn counts(db: &mut PgConnection, w: &World) -> (i64, i64) {
     (rows, rejected.max(live))
 }
 
-/// Error rows committed by the running job (the jobs row is refreshed only periodically).
+/// Error rows (et_ and uv_) committed by the running job (the jobs row is refreshed only
+/// periodically).
 async fn live_rejected(db: &mut PgConnection, w: &World) -> i64 {
     let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 AND table_name LIKE 'et\\_%'",
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 AND (table_name LIKE 'et\\_%' OR table_name LIKE 'uv\\_%')",
     )
     .bind(&w.schema)
     .fetch_all(&mut *db)

@@ -32,6 +32,8 @@ pub enum ConsolidateError {
         what: &'static str,
         source: sqlx::Error,
     },
+    #[error("stopped between two steps by shutdown; the next run resumes")]
+    Stopped,
 }
 
 fn query(what: &'static str) -> impl FnOnce(sqlx::Error) -> ConsolidateError {
@@ -52,6 +54,8 @@ pub struct Options {
     pub job: Option<String>,
     /// First mark failed and abandoned runs as reset (acknowledged).
     pub reset: bool,
+    /// Stops the run between two steps (daemon shutdown); the next run resumes.
+    pub stop: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl Options {
@@ -63,6 +67,7 @@ impl Options {
             override_after: config.consolidate.override_after,
             job: None,
             reset: false,
+            stop: None,
         }
     }
 }
@@ -366,6 +371,9 @@ async fn consolidate_all(
              SELECT count(*) FROM ins"
         );
         loop {
+            if opts.stop.as_ref().is_some_and(|c| c.is_cancelled()) {
+                return Err(ConsolidateError::Stopped);
+            }
             let mut tx = conn.begin().await.map_err(query("BEGIN"))?;
             let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(step.as_str()))
                 .bind(opts.limit as i64)

@@ -286,9 +286,10 @@ pub async fn postjob(
             _ = closed.notified() => {}
             _ = cancel.cancelled() => return,
         }
-        let opts = crate::consolidate::Options::from_config(&config, caller.clone());
-        // Not cancelled on shutdown mid-step: a step is one short transaction, and a killed
-        // run is resumed by the next one anyway.
+        let mut opts = crate::consolidate::Options::from_config(&config, caller.clone());
+        // Shutdown stops the run between two steps (each one short transaction); the next run
+        // resumes.
+        opts.stop = Some(cancel.clone());
         match crate::consolidate::run(&config, &opts).await {
             Ok(_) => {}
             Err(e) => {

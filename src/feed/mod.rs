@@ -11,6 +11,11 @@
 //! of the loaded ids — so they can check the daemon end to end. The [`FeedReport`] is that
 //! ground truth. Generation is deterministic from the seed, so a failing run can be replayed.
 //!
+//! Re-sending refused rows: `conveyor errors --export FILE` writes each error row as a JSON
+//! object (the *export envelope*) carrying the message's payload; `--file` recognises such a
+//! line and publishes the payload, not the envelope — see [`envelope_payload`] for the exact
+//! rule, which an ordinary row does not meet.
+//!
 //! Throughput: publishes are queued on one channel in call order (which keeps the order of
 //! rows, so a duplicate always follows its original), and up to [`CONFIRM_WINDOW`] of them may
 //! be outstanding — not yet written or not yet confirmed — instead of one round trip per
@@ -109,7 +114,9 @@ pub struct FeedOptions {
     pub rate: u64,
     /// 0..=100: share of generated rows that are bad, spread evenly over the 5 kinds.
     pub errors_pct: f64,
-    /// JSON lines: each non-empty line is one message body, published as is.
+    /// JSON lines: each non-empty line is one message body, published as is — except an
+    /// export envelope of `conveyor errors --export`, whose payload is published instead
+    /// ([`envelope_payload`]).
     pub file: Option<PathBuf>,
     /// RNG seed: same seed → same rows.
     pub seed: u64,
@@ -148,6 +155,14 @@ pub enum FeedError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path}, line {line}: {reason}. The line is an export of `conveyor errors` (keys job, kind, seq, code and body, body_base64 or body_hex): fix it (or delete it) and feed the file again; {published}")]
+    Envelope {
+        path: PathBuf,
+        line: u64,
+        reason: String,
+        /// What was published before the bad line.
+        published: String,
+    },
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error("AMQP {what} failed: {source} (the broker closed the channel or connection; check the RabbitMQ log and `rabbitmqctl status` for alarms, then rerun the feed)")]
@@ -169,15 +184,19 @@ pub async fn run(opts: FeedOptions) -> Result<FeedReport, FeedError> {
     validate(&opts)?;
     // Open the file before touching the broker, so a wrong path fails fast and harmlessly.
     let file = match &opts.file {
-        Some(path) => Some((
-            path.clone(),
-            tokio::fs::File::open(path)
-                .await
-                .map_err(|source| FeedError::File {
-                    path: path.clone(),
-                    source,
-                })?,
-        )),
+        Some(path) => {
+            let file_error = |source| FeedError::File {
+                path: path.clone(),
+                source,
+            };
+            let mut file = tokio::fs::File::open(path).await.map_err(file_error)?;
+            // A regular file is checked whole first, so a broken export line publishes
+            // nothing; a pipe cannot be read twice and is checked line by line as it goes.
+            if file.metadata().await.map_err(file_error)?.is_file() {
+                check_file(path, &mut file).await?;
+            }
+            Some((path.clone(), file))
+        }
         None => None,
     };
 
@@ -323,7 +342,8 @@ async fn feed_generated(
 }
 
 /// Publishes every non-empty line of a JSON-lines file as one message body, bytes as they are
-/// (invalid UTF-8 included, so the daemon's rejects can be exercised too).
+/// (invalid UTF-8 included, so the daemon's rejects can be exercised too) — or, for an export
+/// envelope of `conveyor errors --export`, its payload ([`envelope_payload`]).
 async fn feed_file(
     publisher: &mut Publisher<'_>,
     seed: u64,
@@ -331,35 +351,229 @@ async fn feed_file(
     file: tokio::fs::File,
 ) -> Result<FeedReport, FeedError> {
     let mut report = FeedReport::default();
-    let mut reader = tokio::io::BufReader::with_capacity(1 << 16, file);
-    let mut line = Vec::with_capacity(1024);
-    let mut line_no: u64 = 0;
-    loop {
-        line.clear();
-        let n = reader
-            .read_until(b'\n', &mut line)
-            .await
-            .map_err(|source| FeedError::File {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        if n == 0 {
-            break;
-        }
-        line_no += 1;
-        while matches!(line.last(), Some(b'\n' | b'\r')) {
-            line.pop();
-        }
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
+    let mut lines = Lines::new(path, file);
+    while let Some(line) = lines.next().await? {
+        let body = match envelope_payload(line) {
+            Ok(Some(payload)) => payload,
+            Ok(None) => line.to_vec(),
+            Err(reason) => {
+                // What the message says was published must be confirmed by the broker.
+                publisher.drain().await?;
+                return Err(FeedError::Envelope {
+                    path: path.to_path_buf(),
+                    line: lines.line_no,
+                    reason,
+                    published: format!(
+                        "the {} message(s) before it were published (delete those lines before feeding the file again)",
+                        report.published
+                    ),
+                });
+            }
+        };
         publisher
-            .publish(format!("{seed:x}-L{line_no}"), line.clone())
+            .publish(format!("{seed:x}-L{}", lines.line_no), body)
             .await?;
         report.published += 1;
         report.good += 1;
     }
     Ok(report)
+}
+
+/// Reads the whole file once to check its export envelopes, then rewinds it: a broken
+/// envelope fails the feed before anything is published.
+async fn check_file(path: &std::path::Path, file: &mut tokio::fs::File) -> Result<(), FeedError> {
+    use tokio::io::AsyncSeekExt;
+    let mut lines = Lines::new(path, &mut *file);
+    while let Some(line) = lines.next().await? {
+        if let Err(reason) = envelope_payload(line) {
+            return Err(FeedError::Envelope {
+                path: path.to_path_buf(),
+                line: lines.line_no,
+                reason,
+                published: "nothing was published".into(),
+            });
+        }
+    }
+    drop(lines);
+    file.rewind().await.map_err(|source| FeedError::File {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// The non-blank lines of a file, without their line ends, numbered from 1.
+struct Lines<'p, R> {
+    path: &'p std::path::Path,
+    reader: tokio::io::BufReader<R>,
+    line: Vec<u8>,
+    /// The number of the line last returned.
+    line_no: u64,
+}
+
+impl<'p, R: tokio::io::AsyncRead + Unpin> Lines<'p, R> {
+    fn new(path: &'p std::path::Path, file: R) -> Self {
+        Lines {
+            path,
+            reader: tokio::io::BufReader::with_capacity(1 << 16, file),
+            line: Vec::with_capacity(1024),
+            line_no: 0,
+        }
+    }
+
+    async fn next(&mut self) -> Result<Option<&[u8]>, FeedError> {
+        loop {
+            self.line.clear();
+            let n = self
+                .reader
+                .read_until(b'\n', &mut self.line)
+                .await
+                .map_err(|source| FeedError::File {
+                    path: self.path.to_path_buf(),
+                    source,
+                })?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.line_no += 1;
+            while matches!(self.line.last(), Some(b'\n' | b'\r')) {
+                self.line.pop();
+            }
+            if !self.line.iter().all(u8::is_ascii_whitespace) {
+                return Ok(Some(&self.line));
+            }
+        }
+    }
+}
+
+/// The keys an export envelope must carry besides its payload.
+const ENVELOPE_KEYS: [&[u8]; 4] = [b"\"job\"", b"\"kind\"", b"\"seq\"", b"\"code\""];
+
+/// The payload an export line of `conveyor errors --export` carries, `Ok(None)` for an
+/// ordinary line (published as it is), or why an export line cannot be sent.
+///
+/// A line is an export envelope when it is a JSON object with **all** of
+/// - `"job"`: a string,
+/// - `"kind"`: `"et"` or `"uv"`,
+/// - `"seq"`: an integer,
+/// - `"code"`: one of conveyor's reject codes (`malformed_json`, `duplicate_key`, …),
+/// - and at least one of `"body"`, `"body_base64"`, `"body_hex"`.
+///
+/// Only conveyor's own error rows look like that, so an ordinary row (whose keys are the target
+/// table's columns) is not taken for one. Its payload is then: the bytes of the `body` string
+/// (UTF-8; fix the JSON text inside it before re-sending), or the decoded bytes of
+/// `body_base64` (standard alphabet, padding optional) or `body_hex` (for payloads that are
+/// not UTF-8). An envelope with more than one of these keys, or one that does not decode, is an
+/// error, as is a line that starts with `{` and holds all these key names but is not valid JSON
+/// (typically an unescaped `"` typed into `body`): sending it as is would load the envelope,
+/// not the row.
+pub fn envelope_payload(line: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    let trimmed = line.trim_ascii();
+    let has = |needle: &[u8]| trimmed.windows(needle.len()).any(|w| w == needle);
+    // Cheap test first: ordinary rows are never parsed here.
+    if !trimmed.starts_with(b"{") || !has(b"\"body") || !ENVELOPE_KEYS.iter().all(|k| has(k)) {
+        return Ok(None);
+    }
+    let value: serde_json::Value = match serde_json::from_slice(trimmed) {
+        Ok(v) => v,
+        Err(e) => {
+            return Err(format!(
+                "it is not valid JSON ({e}); inside \"body\" write a quote as \\\" and a backslash as \\\\"
+            ))
+        }
+    };
+    let Some(obj) = value.as_object() else {
+        return Ok(None);
+    };
+    let is_code = |v: &serde_json::Value| {
+        v.as_str().is_some_and(|c| {
+            crate::decode::RejectKind::ALL
+                .iter()
+                .any(|k| k.as_str() == c)
+        })
+    };
+    let envelope = obj.get("job").is_some_and(serde_json::Value::is_string)
+        && obj
+            .get("kind")
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(|k| k == "et" || k == "uv")
+        && obj.get("seq").is_some_and(|s| s.is_i64() || s.is_u64())
+        && obj.get("code").is_some_and(is_code);
+    let bodies: Vec<(&str, &serde_json::Value)> = ["body", "body_base64", "body_hex"]
+        .into_iter()
+        .filter_map(|k| obj.get(k).map(|v| (k, v)))
+        .collect();
+    if !envelope || bodies.is_empty() {
+        return Ok(None);
+    }
+    let [(key, value)] = bodies.as_slice() else {
+        return Err(format!(
+            "it has {} payload keys ({}); keep exactly one",
+            bodies.len(),
+            bodies
+                .iter()
+                .map(|(k, _)| *k)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    };
+    let Some(text) = value.as_str() else {
+        return Err(format!("{key:?} is not a string"));
+    };
+    match *key {
+        "body" => Ok(Some(text.as_bytes().to_vec())),
+        "body_base64" => decode_base64(text)
+            .map(Some)
+            .ok_or_else(|| "\"body_base64\" is not valid base64".to_string()),
+        _ => decode_hex(text)
+            .map(Some)
+            .ok_or_else(|| "\"body_hex\" is not valid hex (two digits per byte)".to_string()),
+    }
+}
+
+/// Standard base64 (RFC 4648 §4); the padding may be left out.
+fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    let digits = text.trim_end_matches('=').as_bytes();
+    let padding = text.len() - digits.len();
+    if padding > 2
+        || digits.len() % 4 == 1
+        || (padding > 0 && !(digits.len() + padding).is_multiple_of(4))
+    {
+        return None;
+    }
+    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
+    let mut acc: u32 = 0;
+    let mut bits = 0;
+    for &c in digits {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// Hex, two digits per byte, either case.
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    let t = text.as_bytes();
+    if !t.len().is_multiple_of(2) {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16);
+    t.chunks(2)
+        .map(|p| Some((digit(p[0])? * 16 + digit(p[1])?) as u8))
+        .collect()
 }
 
 /// Decides which rows are bad: exactly `errors_pct` percent of rows (to a millionth), spread
@@ -448,6 +662,62 @@ mod tests {
         for i in 0..20 {
             assert_ne!(plan.next(i, false), Some(BadKind::DuplicateKey));
         }
+    }
+
+    #[test]
+    fn export_envelopes_are_unwrapped_and_ordinary_lines_kept() {
+        let env = |extra: &str| {
+            format!(
+                r#"{{"job":"20261124_013000_person_01","pipeline":"person","kind":"et","seq":7,"code":"malformed_json","sqlstate":null,"column":null,"message":"m","queue_time":null,"message_id":null,"recorded_at":"2026-11-24T01:00:00.000000Z","consolidated":true,{extra}}}"#
+            )
+        };
+        let payload = |line: &str| envelope_payload(line.as_bytes());
+        assert_eq!(
+            payload(&env(r#""body":"{\"id\": \"x\"""#)),
+            Ok(Some(br#"{"id": "x""#.to_vec()))
+        );
+        assert_eq!(
+            payload(&env(r#""body":"a\u0000b""#)),
+            Ok(Some(b"a\0b".to_vec()))
+        );
+        assert_eq!(
+            payload(&env(r#""body_base64":"Yf/+AA==""#)),
+            Ok(Some(vec![b'a', 0xff, 0xfe, 0]))
+        );
+        assert_eq!(
+            payload(&env(r#""body_base64":"Yf/+AA""#)),
+            Ok(Some(vec![b'a', 0xff, 0xfe, 0]))
+        );
+        assert_eq!(
+            payload(&env(r#""body_hex":"61FFfe00""#)),
+            Ok(Some(vec![b'a', 0xff, 0xfe, 0]))
+        );
+        for broken in [
+            env(r#""body_base64":"Y*==""#),
+            env(r#""body_hex":"6""#),
+            env(r#""body":"a","body_hex":"61""#),
+            env(r#""body":7"#),
+            env(r#""body":"{"id": "x"}""#),
+        ] {
+            assert!(payload(&broken).is_err(), "{broken}");
+        }
+        // Ordinary rows, even with some of the keys, are published as they are.
+        for line in [
+            r#"{"id":"1","body":"b","code":"malformed_json","seq":1}"#,
+            r#"{"job":"j","kind":"et","seq":1,"code":"not_a_code","body":"b"}"#,
+            r#"{"job":"j","kind":"xx","seq":1,"code":"malformed_json","body":"b"}"#,
+            r#"{"job":"j","kind":"et","seq":"1","code":"malformed_json","body":"b"}"#,
+            r#"{"job":"j","kind":"et","seq":1,"code":"malformed_json","bodyguard":"b"}"#,
+            r#"{"id": "x""#,
+            "[1,2]",
+        ] {
+            assert_eq!(payload(line), Ok(None), "{line}");
+        }
+        assert_eq!(decode_base64(""), Some(vec![]));
+        assert_eq!(decode_base64("Zm9vYmFy"), Some(b"foobar".to_vec()));
+        assert_eq!(decode_base64("Zg"), Some(b"f".to_vec()));
+        assert_eq!(decode_base64("Z"), None);
+        assert_eq!(decode_base64("Zg==="), None);
     }
 
     #[test]
