@@ -159,15 +159,50 @@ pub async fn to_queue(
     let total = messages(contents).count() as u64;
     let conn = source::connect(amqp_url, "conveyor-replay").await?;
     let amqp = |what| move |source| FeedError::Amqp { what, source };
-    let channel = conn.create_channel().await.map_err(amqp("channel.open"))?;
-    source::declare_queue(&channel, queue, declare).await?;
+    let channel = match conn.create_channel().await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = conn.close(200, "replay failed".into()).await;
+            return Err(amqp("channel.open")(e).into());
+        }
+    };
+    let published = publish_journal(&channel, queue, declare, contents, total, progress).await;
+    // Channel first, then connection, on both paths: a channel dropped while its connection
+    // closes makes lapin log a spurious error.
+    let reply = if published.is_ok() {
+        "replay done"
+    } else {
+        "replay failed"
+    };
+    let _ = channel.close(200, reply.into()).await;
+    let _ = conn.close(200, reply.into()).await;
+    let report = ReplayReport {
+        published: published?,
+        seconds: started.elapsed().as_secs_f64(),
+        ..ReplayReport::default()
+    };
+    Ok(report)
+}
+
+/// Publishes every message of the journal with confirms; returns how many.
+async fn publish_journal(
+    channel: &lapin::Channel,
+    queue: &str,
+    declare: QueueDeclare,
+    contents: &FileContents,
+    total: u64,
+    progress: bool,
+) -> Result<u64, ReplayError> {
+    use crate::feed::FeedError;
+    let amqp = |what| move |source| FeedError::Amqp { what, source };
+    source::declare_queue(channel, queue, declare).await?;
     channel
         .confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await
         .map_err(amqp("confirm.select"))?;
     let bar = bar(total, progress);
-    let mut publisher = crate::feed::publish::Publisher::new(&channel, queue, 0, bar.clone());
-    let mut report = ReplayReport::default();
+    let mut publisher = crate::feed::publish::Publisher::new(channel, queue, 0, bar.clone());
+    let mut published = 0;
     for (seq, d) in messages(contents) {
         let id = d
             .props
@@ -177,14 +212,11 @@ pub async fn to_queue(
         publisher
             .publish_with(id, d.body.to_vec(), without_broker_headers(&d.props))
             .await?;
-        report.published += 1;
+        published += 1;
     }
     publisher.drain().await?;
     bar.finish_and_clear();
-    let _ = channel.close(200, "replay done".into()).await;
-    let _ = conn.close(200, "replay done".into()).await;
-    report.seconds = started.elapsed().as_secs_f64();
-    Ok(report)
+    Ok(published)
 }
 
 /// The properties as the publisher sent them: without what the broker added on delivery.

@@ -13,6 +13,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures_util::TryStreamExt;
 use sqlx::postgres::PgConnection;
@@ -204,32 +206,10 @@ impl ErrorRow {
             body: text,
             body_base64: match text {
                 Some(_) => None,
-                None => Some(base64(&self.raw)),
+                None => Some(BASE64.encode(&self.raw)),
             },
         }
     }
-}
-
-/// Standard base64 (RFC 4648 §4) with padding.
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// `c` as shown in a terminal: control and invisible formatting characters escaped (`\0`,
@@ -865,22 +845,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base64_matches_rfc4648() {
-        for (raw, enc) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64(raw.as_bytes()), enc);
-        }
-        assert_eq!(base64(&[0xff, 0xfe, 0x00]), "//4A");
-    }
-
-    #[test]
     fn payloads_are_shown_escaped_and_cut() {
         assert_eq!(show_payload(br#"{"a":1}"#, 100), r#"{"a":1}"#);
         assert_eq!(show_payload(b"a\0b\n\x1b", 100), r"a\0b\n\u{1b}");
@@ -932,5 +896,19 @@ mod tests {
         let v = serde_json::to_value(row.envelope()).unwrap();
         assert_eq!(v["body_base64"], "Yf8=");
         assert!(v.get("body").is_none());
+        // `conveyor feed --file` sends back exactly the bytes exported, text or not.
+        for raw in [
+            b"{\"id\": \0".to_vec(),
+            vec![b'a', 0xff],
+            vec![0xff, 0xfe, 0x00],
+            (0..=255).collect(),
+        ] {
+            row.raw = raw;
+            let line = serde_json::to_vec(&row.envelope()).unwrap();
+            assert_eq!(
+                crate::feed::envelope_payload(&line),
+                Ok(Some(row.raw.clone()))
+            );
+        }
     }
 }

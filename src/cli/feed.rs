@@ -20,7 +20,10 @@ pub struct FeedArgs {
     /// letters in an integer, letters in a decimal, date out of range).
     #[arg(long, default_value_t = 0.0)]
     pub errors: f64,
-    /// Publish each non-empty line of this JSON-lines file instead of generating rows.
+    /// Publish each non-empty line of this JSON-lines file instead of generating rows. A line
+    /// exported by `conveyor errors --export` (a JSON object with job, kind, seq, code and
+    /// body / body_base64 / body_hex) is sent as its payload: the `body` text (edit it to fix
+    /// the row) or the decoded bytes; other lines are sent as they are.
     #[arg(long)]
     pub file: Option<PathBuf>,
     /// Random seed: the same seed publishes the same rows.

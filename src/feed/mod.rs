@@ -25,6 +25,10 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use base64::alphabet;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::Engine;
 use indicatif::{ProgressBar, ProgressStyle};
 use lapin::options::ConfirmSelectOptions;
 use lapin::Connection;
@@ -255,16 +259,51 @@ async fn publish_all(
     opts: &FeedOptions,
     file: Option<(PathBuf, tokio::fs::File)>,
 ) -> Result<FeedReport, FeedError> {
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|source| FeedError::Amqp {
+            what: "channel.open",
+            source,
+        })?;
+    let result = publish_on(&channel, opts, file).await;
+    // The channel is closed, and the broker's close-ok awaited, before the caller closes the
+    // connection, on the error path too: a channel merely dropped is closed in the background,
+    // racing the connection's close (lapin then logs "invalid channel state: Closing").
+    let reply = if result.is_ok() {
+        "feed done"
+    } else {
+        "feed aborted"
+    };
+    let closed = channel.close(200, reply.into()).await;
+    match result {
+        Ok(report) => {
+            closed.map_err(|source| FeedError::Amqp {
+                what: "channel.close",
+                source,
+            })?;
+            Ok(report)
+        }
+        // Best effort: the broker may already have closed the channel, and the error that
+        // stopped the feed is the one worth reporting.
+        Err(e) => Err(e),
+    }
+}
+
+async fn publish_on(
+    channel: &lapin::Channel,
+    opts: &FeedOptions,
+    file: Option<(PathBuf, tokio::fs::File)>,
+) -> Result<FeedReport, FeedError> {
     let amqp = |what| move |source| FeedError::Amqp { what, source };
-    let channel = conn.create_channel().await.map_err(amqp("channel.open"))?;
-    source::declare_queue(&channel, &opts.queue, opts.declare).await?;
+    source::declare_queue(channel, &opts.queue, opts.declare).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(amqp("confirm.select"))?;
 
     let bar = progress_bar(opts, file.is_some());
-    let mut publisher = Publisher::new(&channel, &opts.queue, opts.rate, bar.clone());
+    let mut publisher = Publisher::new(channel, &opts.queue, opts.rate, bar.clone());
     let mut report = match file {
         Some((path, f)) => feed_file(&mut publisher, opts.seed, &path, f).await?,
         None => feed_generated(&mut publisher, opts).await?,
@@ -272,10 +311,6 @@ async fn publish_all(
     publisher.drain().await?;
     report.seconds = publisher.start.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    channel
-        .close(200, "feed done".into())
-        .await
-        .map_err(amqp("channel.close"))?;
     Ok(report)
 }
 
@@ -522,59 +557,34 @@ pub fn envelope_payload(line: &[u8]) -> Result<Option<Vec<u8>>, String> {
     };
     match *key {
         "body" => Ok(Some(text.as_bytes().to_vec())),
-        "body_base64" => decode_base64(text)
+        "body_base64" => BASE64
+            .decode(text)
             .map(Some)
-            .ok_or_else(|| "\"body_base64\" is not valid base64".to_string()),
-        _ => decode_hex(text)
-            .map(Some)
-            .ok_or_else(|| "\"body_hex\" is not valid hex (two digits per byte)".to_string()),
+            .map_err(|e| format!("\"body_base64\" is not valid base64 ({})", detail(e))),
+        _ => hex::decode(text).map(Some).map_err(|e| {
+            format!(
+                "\"body_hex\" is not valid hex, two digits per byte ({})",
+                detail(e)
+            )
+        }),
     }
 }
 
-/// Standard base64 (RFC 4648 §4); the padding may be left out.
-fn decode_base64(text: &str) -> Option<Vec<u8>> {
-    let digits = text.trim_end_matches('=').as_bytes();
-    let padding = text.len() - digits.len();
-    if padding > 2
-        || digits.len() % 4 == 1
-        || (padding > 0 && !(digits.len() + padding).is_multiple_of(4))
-    {
-        return None;
-    }
-    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
-    let mut acc: u32 = 0;
-    let mut bits = 0;
-    for &c in digits {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
+/// A decoder's error as a clause: "Invalid padding." → "invalid padding".
+fn detail(e: impl std::fmt::Display) -> String {
+    let text = e.to_string();
+    let text = text.trim_end_matches('.');
+    let mut chars = text.chars();
+    chars.next().map_or_else(String::new, |first| {
+        first.to_lowercase().chain(chars).collect()
+    })
 }
 
-/// Hex, two digits per byte, either case.
-fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    let t = text.as_bytes();
-    if !t.len().is_multiple_of(2) {
-        return None;
-    }
-    let digit = |c: u8| (c as char).to_digit(16);
-    t.chunks(2)
-        .map(|p| Some((digit(p[0])? * 16 + digit(p[1])?) as u8))
-        .collect()
-}
+/// Standard base64 (RFC 4648 §4) for `body_base64`, the padding optional on decode.
+const BASE64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 /// Decides which rows are bad: exactly `errors_pct` percent of rows (to a millionth), spread
 /// evenly through the run from a seed-dependent phase, kinds in round-robin from a
@@ -694,7 +704,10 @@ mod tests {
         );
         for broken in [
             env(r#""body_base64":"Y*==""#),
+            env(r#""body_base64":"Yf/+AA===""#),
+            env(r#""body_base64":"Y""#),
             env(r#""body_hex":"6""#),
+            env(r#""body_hex":"6g""#),
             env(r#""body":"a","body_hex":"61""#),
             env(r#""body":7"#),
             env(r#""body":"{"id": "x"}""#),
@@ -713,11 +726,6 @@ mod tests {
         ] {
             assert_eq!(payload(line), Ok(None), "{line}");
         }
-        assert_eq!(decode_base64(""), Some(vec![]));
-        assert_eq!(decode_base64("Zm9vYmFy"), Some(b"foobar".to_vec()));
-        assert_eq!(decode_base64("Zg"), Some(b"f".to_vec()));
-        assert_eq!(decode_base64("Z"), None);
-        assert_eq!(decode_base64("Zg==="), None);
     }
 
     #[test]

@@ -150,6 +150,25 @@ fn key_of(batch: &Batch, i: usize, key: &UniqueKey) -> Option<Vec<String>> {
         .collect()
 }
 
+/// The order to COPY the batch's rows in: by the first unique key's values. Two sessions that
+/// insert keys in one global order cannot deadlock on each other's uncommitted keys (a batch's
+/// duplicate of a row another in-flight batch is inserting waits for that batch's commit, and
+/// then fails and is isolated). Without sorting, parallel COPYs of a feed with duplicates
+/// deadlock (and wait `deadlock_timeout`, 1 s, each time). Rows with a NULL key go last.
+pub fn insertion_order(batch: &Batch, keys: &[UniqueKey]) -> Option<Vec<usize>> {
+    let key = keys.first()?;
+    let mut rows: Vec<(Option<Vec<String>>, usize)> = (0..batch.good.len())
+        .map(|i| (key_of(batch, i, key), i))
+        .collect();
+    rows.sort_by(|a, b| match (&a.0, &b.0) {
+        (Some(x), Some(y)) => x.cmp(y).then(a.1.cmp(&b.1)),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => a.1.cmp(&b.1),
+    });
+    Some(rows.into_iter().map(|(_, i)| i).collect())
+}
+
 /// Marks rows that repeat a key of an earlier row of the same batch (client side, no round
 /// trip). Pushes them to `bad` as duplicates; the first occurrence stays.
 pub fn in_batch(

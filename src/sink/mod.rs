@@ -352,6 +352,7 @@ pub async fn commit_batch(
         keys::in_batch(batch, &target.keys, &mut excluded, &mut db_bad);
     }
     let mut probed = target.keys.is_empty();
+    let order = keys::insertion_order(batch, &target.keys);
     loop {
         let mut tx = conn.begin().await.map_err(q("BEGIN"))?;
         if maybe_committed {
@@ -421,20 +422,28 @@ pub async fn commit_batch(
                 }
             }
         }
+        let rows = sending_order(order.as_deref(), &excluded);
         if bisect {
-            bisect_rows(&mut tx, target, batch, &mut excluded, &mut db_bad).await?;
+            let all = rows.unwrap_or_else(|| (0..batch.good.len()).collect());
+            bisect_rows(&mut tx, target, batch, all, &mut excluded, &mut db_bad).await?;
         } else if excluded.iter().any(|e| !e) {
-            match copy_rows(&mut tx, target, batch, &excluded, None).await {
+            match copy_rows(&mut tx, target, batch, rows.as_deref()).await {
                 Ok(()) => {}
                 Err(e) if is_row_error(&e) => {
                     tx.rollback().await.map_err(q("ROLLBACK"))?;
-                    if is_duplicate_key(&e)
-                        && !target.keys.is_empty()
-                        && !target.probe.swap(true, Ordering::Relaxed)
-                    {
-                        info!(job = %target.job, batch = batch.id, "first duplicate key of the job: from now on each batch's keys are checked before its COPY");
+                    if is_duplicate_key(&e) && !target.keys.is_empty() {
+                        if !target.probe.swap(true, Ordering::Relaxed) {
+                            info!(job = %target.job, batch = batch.id, "first duplicate key of the job: from now on each batch's keys are checked before its COPY");
+                        }
+                        // Most often the key was in another session's batch, committed by now:
+                        // one probe finds all such rows instead of one retry each.
+                        probed = false;
                     }
-                    match copy_line(&e).and_then(|line| nth_included(&excluded, line)) {
+                    let named = copy_line(&e).and_then(|line| match &rows {
+                        Some(r) => line.checked_sub(1).and_then(|l| r.get(l).copied()),
+                        None => line.checked_sub(1),
+                    });
+                    match named {
                         Some(i) => {
                             excluded[i] = true;
                             db_bad.push((i, reject_from_db(&e)));
@@ -517,37 +526,34 @@ fn summary(
     }
 }
 
-/// COPY the batch's included rows (or only `only`, a subset of indices, when bisecting).
+/// The rows to send, in order: `None` for the whole batch as packed (nothing excluded, no key
+/// order), else the included rows in key order (or packing order).
+fn sending_order(order: Option<&[usize]>, excluded: &[bool]) -> Option<Vec<usize>> {
+    match order {
+        None if !excluded.iter().any(|e| *e) => None,
+        None => Some((0..excluded.len()).filter(|&i| !excluded[i]).collect()),
+        Some(o) => Some(o.iter().copied().filter(|&i| !excluded[i]).collect()),
+    }
+}
+
+/// COPY the batch's rows: all of them as packed (`None`), or `rows` in that order, gathered
+/// into one buffer so the COPY is still a single stream of large messages.
 async fn copy_rows(
     conn: &mut PgConnection,
     target: &Target,
     batch: &Batch,
-    excluded: &[bool],
-    only: Option<&[usize]>,
+    rows: Option<&[usize]>,
 ) -> Result<(), sqlx::Error> {
     let mut copy = conn.copy_in_raw(&target.copy_sql).await?;
-    let sent = match only {
-        None if !excluded.iter().any(|e| *e) => copy.send(batch.copy.as_slice()).await.map(|_| ()),
-        None => {
-            let mut r = Ok(());
-            for (row, _) in batch.good.iter().zip(excluded).filter(|(_, e)| !**e) {
-                if let Err(e) = copy.send(&batch.copy[row.start..row.end]).await {
-                    r = Err(e);
-                    break;
-                }
-            }
-            r
-        }
+    let sent = match rows {
+        None => copy.send(batch.copy.as_slice()).await.map(|_| ()),
         Some(idx) => {
-            let mut r = Ok(());
+            let mut buf = Vec::with_capacity(batch.copy.len());
             for &i in idx {
                 let row = &batch.good[i];
-                if let Err(e) = copy.send(&batch.copy[row.start..row.end]).await {
-                    r = Err(e);
-                    break;
-                }
+                buf.extend_from_slice(&batch.copy[row.start..row.end]);
             }
-            r
+            copy.send(buf).await.map(|_| ())
         }
     };
     match sent {
@@ -565,11 +571,11 @@ async fn bisect_rows(
     conn: &mut PgConnection,
     target: &Target,
     batch: &Batch,
+    all: Vec<usize>,
     excluded: &mut [bool],
     db_bad: &mut Vec<(usize, Reject)>,
 ) -> Result<(), SinkError> {
     let q = |what: &'static str| move |source| SinkError::Query { what, source };
-    let all: Vec<usize> = (0..batch.good.len()).filter(|&i| !excluded[i]).collect();
     let mut stack = vec![all];
     let mut trips = 0u32;
     while let Some(set) = stack.pop() {
@@ -581,7 +587,7 @@ async fn bisect_rows(
             .execute(&mut *conn)
             .await
             .map_err(q("SAVEPOINT"))?;
-        match copy_rows(conn, target, batch, excluded, Some(&set)).await {
+        match copy_rows(conn, target, batch, Some(&set)).await {
             Ok(()) => {
                 sqlx::raw_sql("RELEASE SAVEPOINT conveyor_bisect")
                     .execute(&mut *conn)
@@ -637,16 +643,6 @@ fn copy_line(e: &sqlx::Error) -> Option<usize> {
     digits.parse().ok()
 }
 
-/// Index in `batch.good` of the `line`-th row that was sent.
-fn nth_included(excluded: &[bool], line: usize) -> Option<usize> {
-    excluded
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| !**e)
-        .nth(line.checked_sub(1)?)
-        .map(|(i, _)| i)
-}
-
 fn reject_from_db(e: &sqlx::Error) -> Reject {
     let Some(d) = db_error(e) else {
         return Reject {
@@ -685,13 +681,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn nth_included_skips_excluded_rows() {
+    fn sending_order_keeps_the_order_and_drops_excluded_rows() {
         let ex = [false, true, false, false];
-        assert_eq!(nth_included(&ex, 1), Some(0));
-        assert_eq!(nth_included(&ex, 2), Some(2));
-        assert_eq!(nth_included(&ex, 3), Some(3));
-        assert_eq!(nth_included(&ex, 4), None);
-        assert_eq!(nth_included(&ex, 0), None);
+        assert_eq!(sending_order(None, &[false; 3]), None);
+        assert_eq!(sending_order(None, &ex), Some(vec![0, 2, 3]));
+        assert_eq!(sending_order(Some(&[3, 1, 0, 2]), &ex), Some(vec![3, 0, 2]));
     }
 
     #[test]
