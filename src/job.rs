@@ -128,13 +128,87 @@ pub struct JobEnd<'a> {
 #[derive(Debug, Clone)]
 pub struct Jobs {
     table: String,
+    /// The monitor table (`status`), one row per running job.
+    status: String,
 }
 
 impl Jobs {
     pub fn new(schema: &str) -> Self {
         Jobs {
             table: format!("{}.jobs", quote_ident(schema)),
+            status: format!("{}.status", quote_ident(schema)),
         }
+    }
+
+    /// Inserts the job's monitor row (`status`; its trigger logs `i`).
+    pub async fn status_start(
+        &self,
+        conn: &mut PgConnection,
+        job: &str,
+        pipeline: &str,
+        slot: &str,
+        phase: &str,
+        restarts: i32,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {} (job_name, pipeline, slot, host, pid, phase, restarts)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (job_name) DO UPDATE SET phase = EXCLUDED.phase, pid = EXCLUDED.pid,
+                 host = EXCLUDED.host, restarts = EXCLUDED.restarts, updated_at = clock_timestamp()",
+            self.status
+        )))
+        .bind(job)
+        .bind(pipeline)
+        .bind(slot)
+        .bind(host())
+        .bind(std::process::id() as i32)
+        .bind(phase)
+        .bind(restarts)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Refreshes the monitor row with the job's counters and phase (its trigger logs `u`).
+    pub async fn status_update(
+        &self,
+        conn: &mut PgConnection,
+        job: &str,
+        phase: &str,
+        c: &Counts,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {} SET phase = $2, rows_read = $3, rows_sent = $4, rows_inserted = $5,
+                    rows_rejected = $6, rows_skipped = $7, updated_at = clock_timestamp()
+             WHERE job_name = $1",
+            self.status
+        )))
+        .bind(job)
+        .bind(phase)
+        .bind(c.read as i64)
+        .bind((c.inserted + c.rejected) as i64)
+        .bind(c.inserted as i64)
+        .bind(c.rejected as i64)
+        .bind(c.skipped as i64)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes the monitor row of ended jobs (its trigger logs `d`).
+    pub async fn status_end(
+        &self,
+        conn: &mut PgConnection,
+        jobs: &[String],
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM {} WHERE job_name = ANY($1)",
+            self.status
+        )))
+        .bind(jobs)
+        .execute(conn)
+        .await?;
+        Ok(())
     }
 
     /// Inserts the job's row and returns its name. Two jobs of one slot cannot start in the
@@ -208,8 +282,9 @@ impl Jobs {
             self.table
         )))
         .bind(&dead)
-        .execute(conn)
+        .execute(&mut *conn)
         .await?;
+        self.status_end(conn, &dead).await?;
         Ok(r.rows_affected())
     }
 

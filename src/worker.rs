@@ -282,6 +282,9 @@ impl Job {
             .start(&mut control, &p.name, ctx.slot, &params)
             .await
             .map_err(query("inserting the job row"))?;
+        jobs.status_start(&mut control, &name, &p.name, ctx.slot, "acquisition", 0)
+            .await
+            .map_err(query("inserting the job's status row"))?;
         let cols: Vec<&str> = decoder.copy_columns().collect();
         let spooled = p.durability == crate::config::Durability::Spool;
         let mut target = Target::new(
@@ -435,6 +438,20 @@ impl Job {
         self.control.as_mut()
     }
 
+    /// Refreshes the job's monitor row (`status`, logged by its trigger).
+    async fn save_status(&mut self) {
+        let counts = self.counts;
+        let jobs = self.jobs.clone();
+        let name = self.name.clone();
+        let phase = if self.active { "active" } else { "standby" };
+        if let Some(c) = self.control().await {
+            if let Err(e) = jobs.status_update(c, &name, phase, &counts).await {
+                warn!(job = %name, error = %e, "could not update the job's status row");
+                self.control = None;
+            }
+        }
+    }
+
     async fn save_counts(&mut self) {
         let counts = self.counts;
         let jobs = self.jobs.clone();
@@ -483,6 +500,9 @@ impl Job {
                         last_delivery_us: last,
                     };
                     jobs.end(c, &name, &counts, &end).await?;
+                    // The final counters, so status_log's last rows carry them.
+                    jobs.status_update(c, &name, "ended", &counts).await?;
+                    jobs.status_end(c, std::slice::from_ref(&name)).await?;
                     let errors = sink::errors::drop_empty(c, &et, &uv).await?;
                     if !spool_kept {
                         // With the spool kept, its recovery needs the marks to skip what committed.

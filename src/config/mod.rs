@@ -64,7 +64,31 @@ pub struct RawConfig {
     #[serde(default)]
     pub consolidate: RawConsolidate,
     #[serde(default)]
+    pub status: RawStatus,
+    #[serde(default)]
     pub pipeline: Vec<RawPipeline>,
+}
+
+/// `[status]`: the monitor table (`conveyor.status`, one row per running job).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStatus {
+    /// How often a running job's row is updated (each update is logged in `status_log`).
+    #[serde(default = "default_status_interval")]
+    pub interval: String,
+}
+
+impl Default for RawStatus {
+    fn default() -> Self {
+        Self {
+            interval: default_status_interval(),
+        }
+    }
+}
+
+/// The seed's monitor cadence: often enough to see a stall, rare enough to keep the log small.
+fn default_status_interval() -> String {
+    "60s".into()
 }
 
 /// `[consolidate]`: moving each ended job's error tables into `error_history` (DESIGN §4).
@@ -294,6 +318,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log_level: String,
     pub consolidate: ConsolidateConfig,
+    pub status_interval: Duration,
     pub pipelines: Vec<PipelineConfig>,
 }
 
@@ -412,6 +437,16 @@ impl RawConfig {
                 Duration::ZERO
             }
         };
+        let status_interval = match humantime::parse_duration(&self.status.interval) {
+            Ok(d) if d >= Duration::from_millis(100) => d,
+            _ => {
+                problems.push(format!(
+                    "status.interval = {:?} must be a duration of at least 100ms (e.g. \"60s\")",
+                    self.status.interval
+                ));
+                Duration::from_secs(60)
+            }
+        };
         if self.pipeline.is_empty() {
             problems
                 .push("no [[pipeline]] section: define at least one queue → table pipeline".into());
@@ -449,6 +484,7 @@ impl RawConfig {
                 override_after,
                 after_job: self.consolidate.after_job,
             },
+            status_interval,
             pipelines,
         })
     }

@@ -175,6 +175,9 @@ impl Job {
             tokio::pin!(idle_timer);
             let mut counts_tick = tokio::time::interval(COUNTS_INTERVAL);
             counts_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut status_tick = tokio::time::interval(ctx.config.status_interval);
+            status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            status_tick.reset();
             let stop = loop {
                 tokio::select! {
                     biased;
@@ -243,6 +246,7 @@ impl Job {
                         }
                     },
                     _ = counts_tick.tick() => self.save_counts().await,
+                    _ = status_tick.tick() => self.save_status().await,
                 }
                 if self.spooled && self.rows_since_checkpoint >= p.checkpoint_rows {
                     self.checkpoint(p).await;
