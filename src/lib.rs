@@ -26,4 +26,5 @@ pub mod rotator;
 pub mod sink;
 pub mod source;
 pub mod spool;
+pub mod stats;
 pub mod worker;

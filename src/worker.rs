@@ -257,6 +257,8 @@ struct Job {
     acks_settled: bool,
     /// conveyor's own schema.
     schema: String,
+    /// Latency per commit minute and range, saved at each status interval and at the end.
+    latency: crate::stats::JobLatency,
 }
 
 impl Job {
@@ -299,6 +301,7 @@ impl Job {
             target = target.with_dedup(&config.schema);
         }
         target.setup(&mut control, p.mode).await?;
+        target.latency_buckets = config.latency_buckets.clone();
         let target = Arc::new(target);
         let sessions = p.sessions.max(p.priority_sessions.unwrap_or(0));
         let mut session_conns = Vec::with_capacity(sessions);
@@ -378,6 +381,7 @@ impl Job {
             checkpoints: 0,
             acks_settled: false,
             schema: config.schema.clone(),
+            latency: crate::stats::JobLatency::new(&config.latency_buckets),
         })
     }
 
@@ -438,15 +442,26 @@ impl Job {
         self.control.as_mut()
     }
 
-    /// Refreshes the job's monitor row (`status`, logged by its trigger).
+    /// Refreshes the job's monitor row (`status`, logged by its trigger) and saves the latency
+    /// statistics gathered since the last time.
     async fn save_status(&mut self) {
         let counts = self.counts;
         let jobs = self.jobs.clone();
         let name = self.name.clone();
         let phase = if self.active { "active" } else { "standby" };
+        let latency = self.latency.take_dirty().then(|| self.latency.clone());
+        let (schema, pipeline) = (self.schema.clone(), self.target.pipeline.clone());
         if let Some(c) = self.control().await {
-            if let Err(e) = jobs.status_update(c, &name, phase, &counts).await {
-                warn!(job = %name, error = %e, "could not update the job's status row");
+            let r = async {
+                jobs.status_update(c, &name, phase, &counts).await?;
+                if let Some(l) = &latency {
+                    crate::stats::save(c, &schema, &name, &pipeline, l).await?;
+                }
+                Ok::<_, sqlx::Error>(())
+            }
+            .await;
+            if let Err(e) = r {
+                warn!(job = %name, error = %e, "could not update the job's status row and latency statistics");
                 self.control = None;
             }
         }
@@ -485,6 +500,7 @@ impl Job {
         let robust_delete = self.target.robust_delete.clone();
         let (dedup, acks_settled) = (self.target.dedup.is_some(), self.acks_settled);
         let schema = self.schema.clone();
+        let latency = self.latency.clone();
         let last = self.last_delivery_us;
         let mut error_rows = None;
         match self.control().await {
@@ -502,6 +518,7 @@ impl Job {
                     jobs.end(c, &name, &counts, &end).await?;
                     // The final counters, so status_log's last rows carry them.
                     jobs.status_update(c, &name, "ended", &counts).await?;
+                    crate::stats::save(c, &schema, &name, pipeline, &latency).await?;
                     jobs.status_end(c, std::slice::from_ref(&name)).await?;
                     let errors = sink::errors::drop_empty(c, &et, &uv).await?;
                     if !spool_kept {

@@ -105,3 +105,119 @@ async fn a_jobs_status_row_is_inserted_updated_deleted_and_logged() {
     );
     env.cleanup().await;
 }
+
+/// µs since the epoch, now.
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_per_minute_matches_the_rows_including_a_skewed_publisher() {
+    let env = Env::new("latency").await;
+    // Keep the load inside one commit minute, so the test's grouping and the daemon's agree.
+    loop {
+        let sec = (now_us() / 1_000_000) % 60;
+        if (3..40).contains(&sec) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let s = Settings {
+        pack: 50,
+        sessions: 1,
+        ..Settings::default()
+    };
+    let mut daemon = env.spawn(&s);
+    // 200 rows stamped 1.5 s before publishing (an honest clock, a queue that waited), 100 rows
+    // from a publisher whose clock runs 7 s ahead (the seed's skewed server).
+    let base = now_us();
+    let mut bodies = Vec::new();
+    for i in 0..300u64 {
+        let body = format!(r#"{{"id":"{:020}","fname":"L{i}"}}"#, 300_000 + i).into_bytes();
+        let qt = if i % 3 == 2 {
+            base + 7_000_000
+        } else {
+            base - 1_500_000
+        };
+        bodies.push((body, qt));
+    }
+    env.publish_stamped(&bodies).await;
+    env.wait_loaded(300, Duration::from_secs(60)).await;
+    let (code, out, err) = support::cli(&env.config_path(), &["eoj"]);
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+
+    let mut db = support::pg().await;
+    env.wait_for(
+        "the job's latency rows",
+        Duration::from_secs(10),
+        || async {
+            env.scalar("SELECT coalesce(sum(rows), 0)::int8 FROM {schema}.latency_minute")
+                .await
+                == 300
+        },
+    )
+    .await;
+    // Independently: latency from the table itself (db_time is the insert time on the
+    // database clock, a few ms before the batch's commit).
+    let expect: (f64, f64, f64, f64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT min(l), max(l), avg(l), stddev_pop(l), count(*)
+         FROM (SELECT extract(epoch FROM db_time - queue_time)::float8 AS l FROM {}.person) t",
+        env.schema
+    )))
+    .fetch_one(&mut db)
+    .await
+    .expect("expected latencies");
+    let got: (i64, f64, f64, f64, f64, f64, f64, f64, i64, f64) =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT rows, min_s, max_s, avg_s, stddev_s, min_rel_s, max_rel_s, avg_rel_s,
+                    cumulative_rows, rate_per_s FROM {}.latency_minute",
+            env.schema
+        )))
+        .fetch_one(&mut db)
+        .await
+        .expect("one minute row");
+    let close = |a: f64, b: f64, what: &str| {
+        assert!((a - b).abs() < 0.3, "{what}: daemon {a} vs table {b}");
+    };
+    assert_eq!(got.0, 300);
+    assert_eq!(expect.4, 300);
+    close(got.1, expect.0, "min");
+    close(got.2, expect.1, "max");
+    close(got.3, expect.2, "avg");
+    close(got.4, expect.3, "stddev");
+    assert!(
+        got.1 < -5.0,
+        "the skewed publisher shows as negative latency: {}",
+        got.1
+    );
+    close(got.5, 0.0, "min_rel (the job's own minimum)");
+    close(got.6, expect.1 - expect.0, "max_rel");
+    close(got.7, expect.2 - expect.0, "avg_rel");
+    assert_eq!(got.8, 300, "cumulative");
+    assert!((got.9 - 5.0).abs() < 1e-9, "rate = rows / 60");
+
+    let hist: Vec<(Option<f64>, Option<f64>, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT lower_s, upper_s, rows FROM {}.latency_histogram ORDER BY bucket",
+        env.schema
+    )))
+    .fetch_all(&mut db)
+    .await
+    .expect("histogram");
+    assert_eq!(hist.iter().map(|h| h.2).sum::<i64>(), 300);
+    assert_eq!(
+        hist[0],
+        (None, Some(0.0), 100),
+        "the skewed rows are below 0"
+    );
+    let honest: i64 = hist
+        .iter()
+        .filter(|h| h.0.is_some_and(|lo| lo >= 1.0) && h.1.is_some_and(|hi| hi <= 3.0))
+        .map(|h| h.2)
+        .sum();
+    assert_eq!(honest, 200, "1.5 s latencies fall in 1–3 s: {hist:?}");
+    daemon.sigterm();
+    assert_eq!(daemon.wait_exit(Duration::from_secs(30)).await, Some(0));
+    env.cleanup().await;
+}

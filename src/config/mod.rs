@@ -66,7 +66,19 @@ pub struct RawConfig {
     #[serde(default)]
     pub status: RawStatus,
     #[serde(default)]
+    pub stats: RawStats,
+    #[serde(default)]
     pub pipeline: Vec<RawPipeline>,
+}
+
+/// `[stats]`: latency statistics (`latency_minute`, `latency_histogram`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStats {
+    /// Upper bounds in seconds of the latency ranges, increasing; below the first and above the
+    /// last are ranges of their own (default: 0, 0.1, 0.25, 0.5, 1, 2, …, 10, 20, 30, 60).
+    #[serde(default)]
+    pub latency_buckets: Option<Vec<f64>>,
 }
 
 /// `[status]`: the monitor table (`conveyor.status`, one row per running job).
@@ -319,6 +331,8 @@ pub struct Config {
     pub log_level: String,
     pub consolidate: ConsolidateConfig,
     pub status_interval: Duration,
+    /// Upper bounds (s) of the latency ranges, strictly increasing.
+    pub latency_buckets: Vec<f64>,
     pub pipelines: Vec<PipelineConfig>,
 }
 
@@ -447,6 +461,19 @@ impl RawConfig {
                 Duration::from_secs(60)
             }
         };
+        let latency_buckets = self
+            .stats
+            .latency_buckets
+            .unwrap_or_else(|| crate::stats::DEFAULT_BUCKETS.to_vec());
+        if latency_buckets.is_empty()
+            || latency_buckets.len() > 100
+            || latency_buckets.iter().any(|b| !b.is_finite())
+            || latency_buckets.windows(2).any(|w| w[0] >= w[1])
+        {
+            problems.push(format!(
+                "stats.latency_buckets = {latency_buckets:?} must be 1 to 100 finite, strictly increasing bounds in seconds (e.g. [0, 0.5, 1, 2, 5])"
+            ));
+        }
         if self.pipeline.is_empty() {
             problems
                 .push("no [[pipeline]] section: define at least one queue → table pipeline".into());
@@ -485,6 +512,7 @@ impl RawConfig {
                 after_job: self.consolidate.after_job,
             },
             status_interval,
+            latency_buckets,
             pipelines,
         })
     }

@@ -83,6 +83,8 @@ pub struct Target {
     pub uv_table: String,
     /// Unique keys the load fills: the duplicate-key checks before each COPY (`keys.rs`).
     pub keys: Vec<keys::UniqueKey>,
+    /// Upper bounds (s) of the latency ranges each committed batch is summarised into.
+    pub latency_buckets: Vec<f64>,
     /// Whether batches are checked against the table's keys before their COPY: from the start
     /// with `mode = "insert_ignore"`, else from the job's first duplicate key.
     pub probe: AtomicBool,
@@ -127,9 +129,11 @@ impl Target {
             et_table: format!("{s}.{}", q(&errors::et_table_name(job))),
             uv_table: format!("{s}.{}", q(&errors::uv_table_name(job))),
             keys: Vec::new(),
+            latency_buckets: crate::stats::DEFAULT_BUCKETS.to_vec(),
             probe: AtomicBool::new(false),
             robust_insert: format!(
-                "INSERT INTO {s}.robust_log (job_name, batch_id, first_seq, last_seq, rows) VALUES ($1, $2, $3, $4, $5)"
+                "INSERT INTO {s}.robust_log (job_name, batch_id, first_seq, last_seq, rows) VALUES ($1, $2, $3, $4, $5)
+                 RETURNING (extract(epoch FROM committed_at) * 1000000)::int8"
             ),
             robust_delete: format!("DELETE FROM {s}.robust_log WHERE job_name = $1"),
             robust_check: format!(
@@ -225,6 +229,9 @@ pub struct Committed {
     pub first_seq: u64,
     pub last_seq: u64,
     pub commit_seconds: f64,
+    /// The loaded rows' latencies against the database clock at commit (`stats`); `None` when
+    /// this attempt found the batch already committed.
+    pub latency: Option<crate::stats::BatchLatency>,
 }
 
 impl Committed {
@@ -458,13 +465,15 @@ pub async fn commit_batch(
         errors::insert_rejects(&mut tx, &target.et_table, &target.uv_table, batch, &db_bad)
             .await
             .map_err(q("inserting into the error table"))?;
-        sqlx::query(sqlx::AssertSqlSafe(target.robust_insert.as_str()))
+        // The database's clock at the end of the batch: latency compares it, not conveyor's
+        // clock, with the publisher's queue_time.
+        let commit_us: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(target.robust_insert.as_str()))
             .bind(&target.job)
             .bind(batch.id as i64)
             .bind(batch.first_seq as i64)
             .bind(batch.last_seq as i64)
             .bind(batch.rows() as i32)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await
             .map_err(q("writing the robust mark"))?;
         if let Some(d) = &target.dedup {
@@ -494,7 +503,18 @@ pub async fn commit_batch(
         tx.commit().await.map_err(q("COMMIT"))?;
         crate::faults::point(crate::faults::AFTER_COMMIT);
         crate::metrics::row_latencies(&target.pipeline, batch, &excluded);
-        return Ok(summary(batch, &excluded, &db_bad, duplicates));
+        let mut done = summary(batch, &excluded, &db_bad, duplicates);
+        done.latency = Some(crate::stats::BatchLatency::new(
+            commit_us,
+            &target.latency_buckets,
+            batch
+                .good
+                .iter()
+                .zip(&excluded)
+                .filter(|(_, e)| !**e)
+                .map(|(r, _)| r.queue_time_us),
+        ));
+        return Ok(done);
     }
 }
 
@@ -523,6 +543,7 @@ fn summary(
         first_seq: batch.first_seq,
         last_seq: batch.last_seq,
         commit_seconds: 0.0,
+        latency: None,
     }
 }
 

@@ -654,6 +654,9 @@ impl Job {
                 self.counts.uv += c.uv();
                 self.counts.duplicates += c.duplicates;
                 self.counts.batches += 1;
+                if let Some(l) = &c.latency {
+                    self.latency.add(l);
+                }
                 crate::metrics::batch_committed(&self.target.pipeline, &c);
                 if c.duplicates > 0 {
                     crate::metrics::duplicates_skipped(&self.target.pipeline, c.duplicates);

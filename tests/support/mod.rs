@@ -253,6 +253,33 @@ queue_time_column = "queue_time"
     }
 
     /// Publishes raw bodies (no headers) to the test queue.
+    /// Publishes each body with its own `x-queue-time` header (µs since the epoch), as a
+    /// publisher whose clock is off would stamp it.
+    pub async fn publish_stamped(&self, bodies: &[(Vec<u8>, i64)]) {
+        let (conn, ch) = self.publisher().await;
+        for (body, queue_time_us) in bodies {
+            let mut headers = lapin::types::FieldTable::default();
+            headers.insert(
+                "x-queue-time".into(),
+                lapin::types::AMQPValue::LongLongInt(*queue_time_us),
+            );
+            ch.basic_publish(
+                "".into(),
+                self.queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_headers(headers),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        }
+        let _ = conn.close(200, "done".into()).await;
+    }
+
     pub async fn publish_raw(&self, bodies: &[Vec<u8>]) {
         let (conn, ch) = self.publisher().await;
         for body in bodies {
