@@ -205,6 +205,7 @@ pub async fn run(config: &Config, opts: &Options) -> Result<Outcome, Consolidate
             .map_err(query("recording the run"))?;
             info!(msg_id = 5030, run_id, caller = %opts.caller, result = 2, prev_caller, prev_age_s, "consolidation not run: another caller holds the lock");
             crate::metrics::consolidation_run(2);
+            crate::monitor::consolidation_result(2);
             let _ = conn.close().await;
             out.run_id = run_id;
             out.result = RunResult::Locked {
@@ -293,6 +294,7 @@ pub async fn run(config: &Config, opts: &Options) -> Result<Outcome, Consolidate
         .await;
     let _ = conn.close().await;
     crate::metrics::consolidation_run(result);
+    crate::monitor::consolidation_result(result);
     out.seconds = started.elapsed().as_secs_f64();
     match err {
         None => {

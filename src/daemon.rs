@@ -153,8 +153,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         closed.clone(),
         shutdown.child_token(),
     ));
+    let mut states = Vec::new();
     for p in config.pipelines.iter().cloned() {
         let state = Arc::new(crate::rotator::PipelineState::new(closed.clone()));
+        states.push((p.name.clone(), state.clone()));
         let pipeline_cancel = shutdown.child_token();
         // Both slots' spools are read before either registers, so each slot knows every message
         // the pipeline's spools own before any redelivery can reach it.
@@ -193,6 +195,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             pipeline_cancel.child_token(),
         ));
     }
+    tracker.spawn(crate::monitor::run(
+        states,
+        config.status_interval,
+        config.alerts,
+        shutdown.child_token(),
+    ));
     tracker.close();
     info!(pipelines = config.pipelines.len(), amqp = %config.amqp_url, database = %config.database_url, "conveyor running");
     tracker.wait().await;

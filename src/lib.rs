@@ -18,6 +18,7 @@ pub mod feed;
 pub mod http;
 pub mod job;
 pub mod metrics;
+pub mod monitor;
 pub mod pack;
 pub mod params;
 pub mod replay;

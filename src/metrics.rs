@@ -29,6 +29,8 @@ pub const SPOOL_FAILING: &str = "conveyor_spool_failing";
 pub const CHECKPOINTS: &str = "conveyor_checkpoints_total";
 pub const RECOVERED_ROWS: &str = "conveyor_recovered_rows_total";
 pub const DUPLICATES_SKIPPED: &str = "conveyor_duplicates_skipped_total";
+pub const ALERT: &str = "conveyor_alert";
+pub const CLOCK_SKEW: &str = "conveyor_clock_skew_seconds";
 pub const CONSOLIDATION_RUNS: &str = "conveyor_consolidation_runs_total";
 pub const ERROR_HISTORY_ROWS: &str = "conveyor_error_history_rows";
 
@@ -136,6 +138,15 @@ fn describe() {
         RECOVERED_ROWS,
         "spooled rows loaded at start-up after a crash (not covered by a robust mark)"
     );
+    describe_gauge!(
+        ALERT,
+        "1 while the daemon's own alert `name` fires for the pipeline (stalled, errors, low_rate, slow_handoff, consolidation_failed)"
+    );
+    describe_gauge!(
+        CLOCK_SKEW,
+        Unit::Seconds,
+        "a publisher's queue_time minus this host's clock (> 0: its clock runs ahead) or minus the message's AMQP timestamp (< 0: behind); 0 when in line"
+    );
     describe_counter!(
         CONSOLIDATION_RUNS,
         "error-table consolidation runs, by result (0 ok, 1 error, 2 locked by another caller)"
@@ -193,6 +204,19 @@ pub fn duplicates_skipped(pipeline: &str, n: u64) {
 
 pub fn messages_received(pipeline: &str, n: u64) {
     metrics::counter!(MESSAGES_RECEIVED, "pipeline" => pipeline.to_string()).increment(n);
+}
+
+pub fn alert(pipeline: &str, name: &'static str, firing: bool) {
+    metrics::gauge!(ALERT, "pipeline" => pipeline.to_string(), "name" => name).set(if firing {
+        1.0
+    } else {
+        0.0
+    });
+}
+
+pub fn clock_skew(pipeline: &str, publisher: &str, seconds: f64) {
+    metrics::gauge!(CLOCK_SKEW, "pipeline" => pipeline.to_string(), "publisher" => publisher.to_string())
+        .set(seconds);
 }
 
 /// One consolidation run ended with `result` (0, 1 or 2).

@@ -36,6 +36,13 @@ pub struct PipelineState {
     standbys: std::sync::atomic::AtomicUsize,
     /// Wakes the post-job task (shared by all pipelines of the process) when a job is closed.
     closed: Arc<tokio::sync::Notify>,
+    /// Counters for the daemon's own alerts (`monitor`): rows committed and rejected by this
+    /// process's jobs, the queue depth last read (u64::MAX: not yet), the slowest handoff
+    /// since the last snapshot (µs).
+    committed: std::sync::atomic::AtomicU64,
+    rejected: std::sync::atomic::AtomicU64,
+    depth: std::sync::atomic::AtomicU64,
+    slowest_handoff_us: std::sync::atomic::AtomicU64,
 }
 
 /// The end of the last local job, the start of a handoff.
@@ -70,7 +77,35 @@ impl PipelineState {
     pub fn new(closed: Arc<tokio::sync::Notify>) -> PipelineState {
         PipelineState {
             closed,
+            depth: std::sync::atomic::AtomicU64::new(u64::MAX),
             ..PipelineState::default()
+        }
+    }
+
+    /// A batch committed `inserted` rows and rejected `rejected`.
+    pub fn batch_committed(&self, inserted: u64, rejected: u64) {
+        self.committed.fetch_add(inserted, Ordering::Relaxed);
+        self.rejected.fetch_add(rejected, Ordering::Relaxed);
+    }
+
+    pub fn set_depth(&self, depth: u32) {
+        self.depth.store(u64::from(depth), Ordering::Relaxed);
+    }
+
+    pub fn handoff_took(&self, gap: Duration) {
+        self.slowest_handoff_us
+            .fetch_max(gap.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The counters now; the slowest handoff restarts from zero.
+    pub fn snapshot(&self) -> crate::monitor::Snapshot {
+        let depth = self.depth.load(Ordering::Relaxed);
+        let slowest = self.slowest_handoff_us.swap(0, Ordering::Relaxed);
+        crate::monitor::Snapshot {
+            committed: self.committed.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            depth: (depth != u64::MAX).then_some(depth),
+            slowest_handoff: (slowest > 0).then(|| Duration::from_micros(slowest)),
         }
     }
 
@@ -227,6 +262,7 @@ pub async fn run(
                 match source::declare_queue(&channel, &p.queue, QueueDeclare::Passive).await {
                     Ok(d) => {
                         crate::metrics::queue_depth(&p.name, d);
+                        state.set_depth(d);
                         depth = Some(d);
                     }
                     Err(e) => {

@@ -259,6 +259,10 @@ struct Job {
     schema: String,
     /// Latency per commit minute and range, saved at each status interval and at the end.
     latency: crate::stats::JobLatency,
+    /// The pipeline's shared state (rotation, alert counters).
+    state: Arc<PipelineState>,
+    /// Publisher clock skew seen in this job's deliveries.
+    skew: crate::monitor::SkewWatch,
 }
 
 impl Job {
@@ -382,6 +386,8 @@ impl Job {
             acks_settled: false,
             schema: config.schema.clone(),
             latency: crate::stats::JobLatency::new(&config.latency_buckets),
+            state: ctx.state.clone(),
+            skew: crate::monitor::SkewWatch::default(),
         })
     }
 
@@ -413,6 +419,8 @@ impl Job {
         }
         if let Some(g) = self.handoff_gap_ms {
             crate::metrics::handoff_gap(&p.name, g / 1000.0);
+            ctx.state
+                .handoff_took(Duration::from_secs_f64((g / 1000.0).max(0.0)));
         }
         info!(pipeline = %p.name, slot = ctx.slot, job = %self.name, handoff_gap_ms = self.handoff_gap_ms, boosted, "job active");
         let gap_ms = self.handoff_gap_ms;

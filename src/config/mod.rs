@@ -68,7 +68,35 @@ pub struct RawConfig {
     #[serde(default)]
     pub stats: RawStats,
     #[serde(default)]
+    pub alerts: RawAlerts,
+    #[serde(default)]
     pub pipeline: Vec<RawPipeline>,
+}
+
+/// `[alerts]`: thresholds of the alerts the daemon evaluates itself (`conveyor_alert`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlerts {
+    /// Rows/s below which a pipeline whose queue holds messages is "low_rate"; 0 = off.
+    #[serde(default)]
+    pub low_rate: f64,
+    /// A handoff longer than this is "slow_handoff".
+    #[serde(default = "default_slow_handoff_ms")]
+    pub slow_handoff_ms: u64,
+}
+
+impl Default for RawAlerts {
+    fn default() -> Self {
+        Self {
+            low_rate: 0.0,
+            slow_handoff_ms: default_slow_handoff_ms(),
+        }
+    }
+}
+
+/// The seed's rotation took under 2 s; conveyor's handoffs take tens of ms, so 1 s means trouble.
+fn default_slow_handoff_ms() -> u64 {
+    1_000
 }
 
 /// `[stats]`: latency statistics (`latency_minute`, `latency_histogram`).
@@ -333,6 +361,7 @@ pub struct Config {
     pub status_interval: Duration,
     /// Upper bounds (s) of the latency ranges, strictly increasing.
     pub latency_buckets: Vec<f64>,
+    pub alerts: crate::monitor::Thresholds,
     pub pipelines: Vec<PipelineConfig>,
 }
 
@@ -474,6 +503,12 @@ impl RawConfig {
                 "stats.latency_buckets = {latency_buckets:?} must be 1 to 100 finite, strictly increasing bounds in seconds (e.g. [0, 0.5, 1, 2, 5])"
             ));
         }
+        if !self.alerts.low_rate.is_finite() || self.alerts.low_rate < 0.0 {
+            problems.push(format!(
+                "alerts.low_rate = {} must be a rate in rows/s ≥ 0 (0 turns the alert off)",
+                self.alerts.low_rate
+            ));
+        }
         if self.pipeline.is_empty() {
             problems
                 .push("no [[pipeline]] section: define at least one queue → table pipeline".into());
@@ -513,6 +548,10 @@ impl RawConfig {
             },
             status_interval,
             latency_buckets,
+            alerts: crate::monitor::Thresholds {
+                low_rate: self.alerts.low_rate,
+                slow_handoff: Duration::from_millis(self.alerts.slow_handoff_ms),
+            },
             pipelines,
         })
     }

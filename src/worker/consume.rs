@@ -531,6 +531,18 @@ impl Job {
         }
         self.counts.read += 1;
         let queue_time = source::header_queue_time_us(&d.properties, &p.queue_time_header);
+        let props = &d.properties;
+        let publisher = props
+            .app_id()
+            .as_ref()
+            .or(props.user_id().as_ref())
+            .map_or("unknown", |s| s.as_str());
+        let stamped = props
+            .timestamp()
+            .and_then(|t| i64::try_from(t).ok())
+            .map(|s| s.saturating_mul(1_000_000));
+        self.skew
+            .observe(&p.name, publisher, queue_time, stamped, received_us);
         let message_id = source::message_id(&d.properties);
         let batch = self.packer.open(now, seq);
         batch.push_message(
@@ -657,6 +669,8 @@ impl Job {
                 if let Some(l) = &c.latency {
                     self.latency.add(l);
                 }
+                self.state
+                    .batch_committed(c.inserted, c.rejected.values().sum::<u64>());
                 crate::metrics::batch_committed(&self.target.pipeline, &c);
                 if c.duplicates > 0 {
                     crate::metrics::duplicates_skipped(&self.target.pipeline, c.duplicates);
