@@ -7,6 +7,9 @@ mod feed;
 mod migrate;
 mod replay;
 mod run;
+mod stats;
+mod status;
+mod view;
 
 use std::path::PathBuf;
 
@@ -66,6 +69,23 @@ pub enum Command {
     /// consolidate.after_job = false. One run at a time: exit 2 says who holds the lock.
     /// Exit 1: the run failed (resumable; fix the cause, then --reset).
     Consolidate(consolidate::ConsolidateArgs),
+    /// Show each pipeline's workers, running jobs (counts, rows/s) and last ended jobs.
+    ///
+    /// Reads the monitor table (status, refreshed every status.interval), its log and the jobs
+    /// table. --json for scripts; --watch SECS refreshes until Ctrl-C.
+    Status(status::StatusArgs),
+    /// Show a job's latency statistics: per minute (rows, rate, min/max/avg/stddev, absolute
+    /// and relative to the job's minimum) and rows per latency range as a bar chart.
+    ///
+    /// Default: the pipeline's most recent job with statistics; --job J or --last N for
+    /// others. Latency = commit time on the database clock − the row's queue time.
+    Stats(stats::StatsArgs),
+    /// Create (or --drop) a point-in-time view over a pipeline's target table: the rows the
+    /// database had inserted by --at TIME.
+    ///
+    /// The view filters on a column the database fills at insert (default db_time). Prints the
+    /// view's name and its SQL.
+    View(view::ViewArgs),
 }
 
 /// An error that also chooses the process's exit code (e.g. consolidate's result 2).
@@ -114,6 +134,9 @@ pub fn main() -> std::process::ExitCode {
             Command::Replay(args) => replay::run(&cli.config, args).await,
             Command::Errors(args) => errors::run(&cli.config, args).await,
             Command::Consolidate(args) => consolidate::run(&cli.config, args).await,
+            Command::Status(args) => status::run(&cli.config, args).await,
+            Command::Stats(args) => stats::run(&cli.config, args).await,
+            Command::View(args) => view::run(&cli.config, args).await,
         }
     });
     match result {

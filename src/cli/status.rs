@@ -1,0 +1,794 @@
+//! `conveyor status`: what each pipeline is doing now — its workers (the `status` rows of its
+//! running jobs: slot, phase, host, pid, how long ago the row was refreshed), the running jobs'
+//! counts and rates, and its last ended jobs from `jobs` — as aligned tables or JSON, once or
+//! every `--watch` seconds.
+//!
+//! Each refresh reads in one `REPEATABLE READ` snapshot, and every age and duration is measured
+//! on the database's clock (the clock that stamped the rows), so a client whose clock is off
+//! still sees true ages. A job's rate is the `rows_inserted` difference between its last two
+//! `u` rows in `status_log` over the time between them: the rate of the last status interval,
+//! not an average since the job started (that is the fallback until two rows exist).
+//!
+//! Also home of what `stats` shares: the aligned [`Table`], the `--watch` value parser and the
+//! [`Interrupt`] that ends a watch on Ctrl-C.
+
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgConnection;
+use sqlx::{Connection, Row};
+
+use crate::config::{Config, PipelineConfig};
+use crate::db::quote_ident;
+
+/// Shortest `--watch` period: below it the refreshes themselves would load the database more
+/// than the dashboard is worth.
+const MIN_WATCH: Duration = Duration::from_millis(100);
+/// Characters of a failed job's error shown in the table (JSON carries all of it).
+const TABLE_ERROR_CHARS: usize = 60;
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Only this pipeline (a [[pipeline]] name in the config; default: every pipeline).
+    #[arg(long)]
+    pub pipeline: Option<String>,
+    /// Ended jobs shown per pipeline, newest first (0: none).
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub last: u32,
+    /// Print one JSON object instead of tables:
+    /// {"schema", "taken_at", "pipelines": {NAME: {"queue", "target", "workers", "running_jobs",
+    /// "last_jobs"}}}. Times are RFC 3339 UTC, durations seconds. With --watch: one object per
+    /// refresh, one per line (JSON lines).
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh every SECS seconds (e.g. 2, 0.5) until Ctrl-C. The tables are redrawn in place
+    /// (the screen is cleared when stdout is a terminal).
+    #[arg(long, value_name = "SECS", value_parser = parse_watch)]
+    pub watch: Option<Duration>,
+}
+
+pub async fn run(config_path: &Path, args: StatusArgs) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    super::init_logging(config.log_format, "warn");
+    let pipelines: Vec<&PipelineConfig> = match &args.pipeline {
+        Some(name) => vec![super::pick_pipeline(&config, Some(name))?],
+        None => config.pipelines.iter().collect(),
+    };
+    let mut interrupt = match args.watch {
+        Some(_) => Some(Interrupt::new()?),
+        None => None,
+    };
+    let mut conn: Option<PgConnection> = None;
+    let mut first = true;
+    loop {
+        let snap = snapshot(&mut conn, &config, config_path, &pipelines, args.last).await;
+        let out = match snap {
+            Ok(snap) if args.json && args.watch.is_some() => {
+                format!("{}\n", serde_json::to_string(&snap)?)
+            }
+            Ok(snap) if args.json => format!("{}\n", serde_json::to_string_pretty(&snap)?),
+            Ok(snap) => {
+                let mut text = String::new();
+                if let Some(every) = args.watch {
+                    text.push_str(clear_screen());
+                    text.push_str(&watch_header("status", &snap.taken_at, every));
+                }
+                render(&snap, &config, &mut text);
+                text
+            }
+            // A failure on the first read is the answer; later ones (a database restart) are
+            // shown, and the watch goes on trying.
+            Err(e) if first => return Err(e),
+            Err(e) => {
+                conn = None;
+                if args.json {
+                    eprintln!(
+                        "error: {e} (retrying every {:?})",
+                        args.watch.unwrap_or_default()
+                    );
+                    String::new()
+                } else {
+                    format!(
+                        "{}refresh failed at {}: {e}\nretrying every {:?}; Ctrl-C to stop\n",
+                        clear_screen(),
+                        Utc::now().format("%Y-%m-%d %H:%M:%S UTC"),
+                        args.watch.unwrap_or_default()
+                    )
+                }
+            }
+        };
+        first = false;
+        if !print_out(&out)? {
+            break; // stdout closed (e.g. piped into head): nothing more to show
+        }
+        let (Some(every), Some(i)) = (args.watch, interrupt.as_mut()) else {
+            break;
+        };
+        if !i.sleep(every).await {
+            break;
+        }
+    }
+    if let Some(c) = conn {
+        let _ = c.close().await;
+    }
+    Ok(())
+}
+
+/// Everything one refresh shows.
+#[derive(Debug, serde::Serialize)]
+struct Snapshot {
+    schema: String,
+    /// The database's clock at the read.
+    taken_at: String,
+    pipelines: Pipelines,
+}
+
+/// Serialised as an object keyed by pipeline name, in the config's order.
+#[derive(Debug)]
+struct Pipelines(Vec<PipelineStatus>);
+
+impl serde::Serialize for Pipelines {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for p in &self.0 {
+            m.serialize_entry(&p.name, p)?;
+        }
+        m.end()
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
+struct PipelineStatus {
+    #[serde(skip)]
+    name: String,
+    queue: String,
+    target: String,
+    workers: Vec<Worker>,
+    running_jobs: Vec<RunningJob>,
+    last_jobs: Vec<EndedJob>,
+}
+
+/// One `status` row seen as the worker (slot) that owns it.
+#[derive(Debug, serde::Serialize)]
+struct Worker {
+    slot: String,
+    /// `acquisition` (initialising), `standby` (registered, waiting for the queue), `active`.
+    phase: String,
+    job_name: String,
+    host: String,
+    pid: i32,
+    updated_at: String,
+    /// Seconds since the row was last refreshed.
+    age_s: f64,
+    /// No refresh for more than two status intervals (+10 s): the process is probably gone (its
+    /// row stays until the slot's next start closes the job).
+    stale: bool,
+}
+
+/// One `status` row seen as the job's progress.
+#[derive(Debug, serde::Serialize)]
+struct RunningJob {
+    job_name: String,
+    slot: String,
+    phase: String,
+    rows_read: i64,
+    rows_sent: i64,
+    rows_inserted: i64,
+    rows_rejected: i64,
+    rows_skipped: i64,
+    restarts: i32,
+    started_at: String,
+    elapsed_s: f64,
+    /// Rows inserted per second.
+    rate_per_s: f64,
+    /// `status_log`: over the job's last two status refreshes; `since_start`: average since
+    /// started_at (fewer than two refreshes yet).
+    rate_basis: &'static str,
+}
+
+/// One row of `jobs` with status 1 (success) or 3 (failure).
+#[derive(Debug, serde::Serialize)]
+struct EndedJob {
+    job_name: String,
+    slot: String,
+    status: i16,
+    end_reason: Option<String>,
+    rows_read: i64,
+    rows_inserted: i64,
+    rows_rejected: i64,
+    rows_uv: i64,
+    handoff_gap_ms: Option<f64>,
+    started_at: String,
+    ended_at: Option<String>,
+    duration_s: Option<f64>,
+    error: Option<String>,
+}
+
+/// Reads one snapshot, connecting first when `conn` is `None`; a failed read drops the
+/// connection so the next refresh starts on a new one.
+async fn snapshot(
+    conn: &mut Option<PgConnection>,
+    config: &Config,
+    config_path: &Path,
+    pipelines: &[&PipelineConfig],
+    last: u32,
+) -> anyhow::Result<Snapshot> {
+    let c = match conn {
+        Some(c) => c,
+        None => {
+            let mut c = crate::db::connect(&config.database_url, config.connect_timeout).await?;
+            check_tables(
+                &mut c,
+                &config.schema,
+                &["jobs", "status", "status_log"],
+                config_path,
+            )
+            .await?;
+            conn.insert(c)
+        }
+    };
+    match read(c, config, pipelines, last).await {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            *conn = None;
+            Err(anyhow::anyhow!(
+                "reading the status from schema {:?} failed: {e} (check that the database is reachable and that the user may read the schema)",
+                config.schema
+            ))
+        }
+    }
+}
+
+async fn read(
+    conn: &mut PgConnection,
+    config: &Config,
+    pipelines: &[&PipelineConfig],
+    last: u32,
+) -> Result<Snapshot, sqlx::Error> {
+    let s = quote_ident(&config.schema);
+    // A refresh never missing for two intervals is alive; 10 s covers a slow database.
+    let stale_after = (config.status_interval * 2 + Duration::from_secs(10)).as_secs_f64();
+    let mut tx = conn.begin().await?;
+    sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let taken_at: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *tx)
+        .await?;
+    let mut out = Vec::new();
+    for p in pipelines {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT s.job_name, s.slot, s.phase, s.host, s.pid, s.rows_read, s.rows_sent,
+                    s.rows_inserted, s.rows_rejected, s.rows_skipped, s.restarts, s.started_at,
+                    s.updated_at,
+                    extract(epoch FROM now() - s.updated_at)::float8 AS age_s,
+                    extract(epoch FROM now() - s.started_at)::float8 AS elapsed_s,
+                    (a.rows_inserted - b.rows_inserted)::float8 AS d_rows,
+                    extract(epoch FROM a.logged_at - b.logged_at)::float8 AS d_s
+             FROM {s}.status s
+             LEFT JOIN LATERAL (SELECT rows_inserted, logged_at FROM {s}.status_log l
+                                WHERE l.job_name = s.job_name AND l.ind = 'u'
+                                ORDER BY l.log_id DESC LIMIT 1) a ON true
+             LEFT JOIN LATERAL (SELECT rows_inserted, logged_at FROM {s}.status_log l
+                                WHERE l.job_name = s.job_name AND l.ind = 'u'
+                                ORDER BY l.log_id DESC OFFSET 1 LIMIT 1) b ON true
+             WHERE s.pipeline = $1
+             ORDER BY s.slot, s.started_at"
+        )))
+        .bind(&p.name)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut workers = Vec::new();
+        let mut running = Vec::new();
+        for r in rows {
+            let job_name: String = r.try_get("job_name")?;
+            let slot: String = r.try_get("slot")?;
+            let phase: String = r.try_get("phase")?;
+            let age_s: f64 = r.try_get("age_s")?;
+            let elapsed_s: f64 = r.try_get("elapsed_s")?;
+            let inserted: i64 = r.try_get("rows_inserted")?;
+            let d_rows: Option<f64> = r.try_get("d_rows")?;
+            let d_s: Option<f64> = r.try_get("d_s")?;
+            let (rate_per_s, rate_basis) = rate(inserted, elapsed_s, d_rows, d_s);
+            workers.push(Worker {
+                slot: slot.clone(),
+                phase: phase.clone(),
+                job_name: job_name.clone(),
+                host: r.try_get("host")?,
+                pid: r.try_get("pid")?,
+                updated_at: time(&r.try_get("updated_at")?),
+                age_s,
+                stale: age_s > stale_after,
+            });
+            running.push(RunningJob {
+                job_name,
+                slot,
+                phase,
+                rows_read: r.try_get("rows_read")?,
+                rows_sent: r.try_get("rows_sent")?,
+                rows_inserted: inserted,
+                rows_rejected: r.try_get("rows_rejected")?,
+                rows_skipped: r.try_get("rows_skipped")?,
+                restarts: r.try_get("restarts")?,
+                started_at: time(&r.try_get("started_at")?),
+                elapsed_s,
+                rate_per_s,
+                rate_basis,
+            });
+        }
+        running.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT job_name, slot, status, end_reason, rows_read, rows_inserted, rows_rejected,
+                    rows_uv, handoff_gap_ms, started_at, ended_at,
+                    extract(epoch FROM ended_at - started_at)::float8 AS duration_s, error
+             FROM {s}.jobs
+             WHERE pipeline = $1 AND status <> 0
+             ORDER BY ended_at DESC NULLS LAST, job_name DESC
+             LIMIT $2"
+        )))
+        .bind(&p.name)
+        .bind(i64::from(last))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut last_jobs = Vec::new();
+        for r in rows {
+            last_jobs.push(EndedJob {
+                job_name: r.try_get("job_name")?,
+                slot: r.try_get("slot")?,
+                status: r.try_get("status")?,
+                end_reason: r.try_get("end_reason")?,
+                rows_read: r.try_get("rows_read")?,
+                rows_inserted: r.try_get("rows_inserted")?,
+                rows_rejected: r.try_get("rows_rejected")?,
+                rows_uv: r.try_get("rows_uv")?,
+                handoff_gap_ms: r.try_get("handoff_gap_ms")?,
+                started_at: time(&r.try_get("started_at")?),
+                ended_at: r
+                    .try_get::<Option<DateTime<Utc>>, _>("ended_at")?
+                    .as_ref()
+                    .map(time),
+                duration_s: r.try_get("duration_s")?,
+                error: r.try_get("error")?,
+            });
+        }
+        out.push(PipelineStatus {
+            name: p.name.clone(),
+            queue: p.queue.clone(),
+            target: match &p.target_schema {
+                Some(ts) => format!("{ts}.{}", p.target_table),
+                None => p.target_table.clone(),
+            },
+            workers,
+            running_jobs: running,
+            last_jobs,
+        });
+    }
+    tx.commit().await?;
+    Ok(Snapshot {
+        schema: config.schema.clone(),
+        taken_at: time(&taken_at),
+        pipelines: Pipelines(out),
+    })
+}
+
+/// (rows inserted per second, basis): over the last two status refreshes when there are two
+/// that are apart in time, else the average since the job started.
+fn rate(
+    inserted: i64,
+    elapsed_s: f64,
+    d_rows: Option<f64>,
+    d_s: Option<f64>,
+) -> (f64, &'static str) {
+    match (d_rows, d_s) {
+        (Some(rows), Some(s)) if s > 0.0 => ((rows / s).max(0.0), "status_log"),
+        _ if elapsed_s > 0.0 => (inserted as f64 / elapsed_s, "since_start"),
+        _ => (0.0, "since_start"),
+    }
+}
+
+/// The tables of one snapshot.
+fn render(snap: &Snapshot, config: &Config, out: &mut String) {
+    for (i, p) in snap.pipelines.0.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let _ = writeln!(
+            out,
+            "pipeline {}: queue {} → {} (schema {}, times UTC)",
+            p.name, p.queue, p.target, snap.schema
+        );
+        if p.workers.is_empty() {
+            let _ = writeln!(
+                out,
+                "  no worker: no running job has a status row (is `conveyor --config {} run` up?)",
+                config.path.display()
+            );
+        } else {
+            let mut t = Table::new(&[
+                ("SLOT", Align::Left),
+                ("PHASE", Align::Left),
+                ("JOB", Align::Left),
+                ("HOST", Align::Left),
+                ("PID", Align::Right),
+                ("UPDATED", Align::Left),
+            ]);
+            for w in &p.workers {
+                t.row(vec![
+                    w.slot.clone(),
+                    w.phase.clone(),
+                    w.job_name.clone(),
+                    w.host.clone(),
+                    w.pid.to_string(),
+                    format!(
+                        "{} ago{}",
+                        duration(w.age_s),
+                        if w.stale {
+                            " (stale: is the process gone?)"
+                        } else {
+                            ""
+                        }
+                    ),
+                ]);
+            }
+            let _ = writeln!(out, "  workers");
+            t.render("    ", out);
+            let mut t = Table::new(&[
+                ("JOB", Align::Left),
+                ("PHASE", Align::Left),
+                ("READ", Align::Right),
+                ("INSERTED", Align::Right),
+                ("REJECTED", Align::Right),
+                ("SKIPPED", Align::Right),
+                ("RATE/S", Align::Right),
+                ("STARTED", Align::Left),
+                ("ELAPSED", Align::Right),
+            ]);
+            for j in &p.running_jobs {
+                t.row(vec![
+                    j.job_name.clone(),
+                    j.phase.clone(),
+                    thousands(j.rows_read),
+                    thousands(j.rows_inserted),
+                    thousands(j.rows_rejected),
+                    thousands(j.rows_skipped),
+                    format!("{:.1}", j.rate_per_s),
+                    short_time(&j.started_at),
+                    duration(j.elapsed_s),
+                ]);
+            }
+            let _ = writeln!(out, "  running jobs");
+            t.render("    ", out);
+        }
+        if p.last_jobs.is_empty() {
+            let _ = writeln!(out, "  no ended job yet");
+            continue;
+        }
+        let mut t = Table::new(&[
+            ("JOB", Align::Left),
+            ("STATUS", Align::Left),
+            ("END", Align::Left),
+            ("READ", Align::Right),
+            ("INSERTED", Align::Right),
+            ("REJECTED", Align::Right),
+            ("UV", Align::Right),
+            ("GAP_MS", Align::Right),
+            ("STARTED", Align::Left),
+            ("ENDED", Align::Left),
+            ("DURATION", Align::Right),
+            ("ERROR", Align::Left),
+        ]);
+        for j in &p.last_jobs {
+            t.row(vec![
+                j.job_name.clone(),
+                match j.status {
+                    1 => "1 ok".into(),
+                    3 => "3 failed".into(),
+                    s => s.to_string(),
+                },
+                j.end_reason.clone().unwrap_or_else(|| "-".into()),
+                thousands(j.rows_read),
+                thousands(j.rows_inserted),
+                thousands(j.rows_rejected),
+                thousands(j.rows_uv),
+                j.handoff_gap_ms
+                    .map_or_else(|| "-".into(), |g| format!("{g:.1}")),
+                short_time(&j.started_at),
+                j.ended_at.as_deref().map_or_else(|| "-".into(), short_time),
+                j.duration_s.map_or_else(|| "-".into(), duration),
+                j.error
+                    .as_deref()
+                    .map_or_else(String::new, |e| cut(e, TABLE_ERROR_CHARS)),
+            ]);
+        }
+        let _ = writeln!(
+            out,
+            "  ended jobs (the last {}, newest first)",
+            p.last_jobs.len()
+        );
+        t.render("    ", out);
+    }
+}
+
+/// The first line of a `--watch` screen of `conveyor <command>`.
+pub(super) fn watch_header(command: &str, taken_at: &str, every: Duration) -> String {
+    format!(
+        "conveyor {command} at {} UTC (every {}; Ctrl-C to stop)\n\n",
+        short_time(taken_at),
+        duration(every.as_secs_f64())
+    )
+}
+
+/// Errors unless conveyor's `tables` exist in `schema`, saying how to create them.
+pub(super) async fn check_tables(
+    conn: &mut PgConnection,
+    schema: &str,
+    tables: &[&str],
+    config_path: &Path,
+) -> anyhow::Result<()> {
+    let s = quote_ident(schema);
+    for t in tables {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(format!("{s}.{t}"))
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| anyhow::anyhow!("looking up conveyor's tables failed: {e}"))?;
+        if !exists {
+            anyhow::bail!(
+                "schema {schema:?} has no {t} table: conveyor's tables are not created or not up to date there. Run `conveyor --config {} migrate` (or start `conveyor run`, which migrates), or check database.schema in the config",
+                config_path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Parses `--watch`: seconds, a decimal number (2, 0.5), at least [`MIN_WATCH`].
+pub(super) fn parse_watch(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds (e.g. 2 or 0.5)"))?;
+    let d = Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("{s:?} is not a number of seconds (e.g. 2 or 0.5)"))?;
+    if d < MIN_WATCH {
+        return Err(format!(
+            "{s:?} is too short: refresh at most every {} s",
+            MIN_WATCH.as_secs_f64()
+        ));
+    }
+    Ok(d)
+}
+
+/// Ends a `--watch` loop on Ctrl-C (SIGINT) or SIGTERM. Registered before the first refresh,
+/// so a signal arriving during a query is kept for the next wait.
+pub(super) struct Interrupt {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Interrupt {
+    pub(super) fn new() -> anyhow::Result<Interrupt> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let err = |e| anyhow::anyhow!("cannot install the Ctrl-C handler: {e}");
+        Ok(Interrupt {
+            int: signal(SignalKind::interrupt()).map_err(err)?,
+            term: signal(SignalKind::terminate()).map_err(err)?,
+        })
+    }
+
+    /// Waits `d`; false when interrupted meanwhile (or before).
+    pub(super) async fn sleep(&mut self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = self.int.recv() => false,
+            _ = self.term.recv() => false,
+        }
+    }
+}
+
+/// The escape sequence that clears a terminal (cursor home, erase display); when stdout is not
+/// a terminal (a file or pipe keeps every refresh), an empty line between refreshes.
+pub(super) fn clear_screen() -> &'static str {
+    if std::io::stdout().is_terminal() {
+        "\x1b[H\x1b[2J"
+    } else {
+        "\n"
+    }
+}
+
+/// Writes `text` to stdout; false when stdout has been closed (the reader went away).
+pub(super) fn print_out(text: &str) -> anyhow::Result<bool> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(anyhow::anyhow!("cannot write to stdout: {e}")),
+    }
+}
+
+/// How a column's cells line up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Align {
+    Left,
+    /// Numbers.
+    Right,
+}
+
+/// An aligned text table: a header line and rows, columns two spaces apart, the last column
+/// unpadded.
+#[derive(Debug)]
+pub(super) struct Table {
+    head: Vec<(&'static str, Align)>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub(super) fn new(head: &[(&'static str, Align)]) -> Table {
+        Table {
+            head: head.to_vec(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub(super) fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    /// Appends the table to `out`, each line prefixed with `indent`.
+    pub(super) fn render(&self, indent: &str, out: &mut String) {
+        let mut width: Vec<usize> = self.head.iter().map(|(h, _)| h.chars().count()).collect();
+        for r in &self.rows {
+            for (w, cell) in width.iter_mut().zip(r) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let head: Vec<String> = self.head.iter().map(|(h, _)| h.to_string()).collect();
+        for cells in std::iter::once(&head).chain(&self.rows) {
+            let mut line = String::from(indent);
+            for (i, cell) in cells.iter().enumerate() {
+                let pad = width[i].saturating_sub(cell.chars().count());
+                let last = i + 1 == cells.len();
+                match self.head[i].1 {
+                    Align::Right => {
+                        line.push_str(&" ".repeat(pad));
+                        line.push_str(cell);
+                    }
+                    Align::Left => {
+                        line.push_str(cell);
+                        if !last {
+                            line.push_str(&" ".repeat(pad));
+                        }
+                    }
+                }
+                if !last {
+                    line.push_str("  ");
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+    }
+}
+
+/// RFC 3339 in UTC with milliseconds (the JSON form).
+pub(super) fn time(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// `2026-11-24 01:02:03` from an RFC 3339 time (the table form, UTC).
+pub(super) fn short_time(rfc3339: &str) -> String {
+    match DateTime::parse_from_rfc3339(rfc3339) {
+        Ok(t) => t
+            .with_timezone(&Utc)
+            .format("%Y-%m-%d %H:%M:%S")
+            .to_string(),
+        Err(_) => rfc3339.to_string(),
+    }
+}
+
+/// A duration for people: `0.4s`, `12s`, `4m05s`, `2h03m`, `3d04h`.
+pub(super) fn duration(secs: f64) -> String {
+    if !secs.is_finite() || secs < 0.0 {
+        return "-".into();
+    }
+    if secs < 10.0 {
+        return format!("{secs:.1}s");
+    }
+    let s = secs.round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// `1234567` → `1,234,567` (as the seed's tables).
+pub(super) fn thousands(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 {
+        out.insert(0, '-');
+    }
+    out
+}
+
+/// `s` cut to `max` characters (an ellipsis marks the cut), control characters as spaces.
+fn cut(s: &str, max: usize) -> String {
+    let clean: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if clean.chars().count() <= max {
+        return clean;
+    }
+    let mut out: String = clean.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_use_the_last_two_refreshes_else_the_average() {
+        assert_eq!(
+            rate(5000, 10.0, Some(300.0), Some(0.3)),
+            (1000.0, "status_log")
+        );
+        assert_eq!(rate(5000, 10.0, None, None), (500.0, "since_start"));
+        // Two refreshes at the same instant say nothing about a rate.
+        assert_eq!(
+            rate(5000, 10.0, Some(0.0), Some(0.0)),
+            (500.0, "since_start")
+        );
+        assert_eq!(rate(0, 0.0, None, None), (0.0, "since_start"));
+    }
+
+    #[test]
+    fn numbers_and_durations_read_well() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(13028), "13,028");
+        assert_eq!(thousands(-1234567), "-1,234,567");
+        assert_eq!(duration(0.42), "0.4s");
+        assert_eq!(duration(12.4), "12s");
+        assert_eq!(duration(245.0), "4m05s");
+        assert_eq!(duration(7380.0), "2h03m");
+        assert_eq!(duration(3.0 * 86400.0 + 4.0 * 3600.0), "3d04h");
+        assert_eq!(cut("abc\ndef", 10), "abc def");
+        assert_eq!(cut("abcdef", 4), "abc…");
+    }
+
+    #[test]
+    fn watch_periods_parse() {
+        assert_eq!(parse_watch("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_watch("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_watch("3s"), Ok(Duration::from_secs(3)));
+        assert!(parse_watch("0").unwrap_err().contains("too short"));
+        assert!(parse_watch("-1").is_err());
+        assert!(parse_watch("soon").unwrap_err().contains("seconds"));
+    }
+
+    #[test]
+    fn tables_align_and_trim() {
+        let mut t = Table::new(&[("A", Align::Left), ("N", Align::Right), ("Z", Align::Left)]);
+        t.row(vec!["xy".into(), "5".into(), "".into()]);
+        t.row(vec!["x".into(), "1,000".into(), "end".into()]);
+        let mut out = String::new();
+        t.render("  ", &mut out);
+        assert_eq!(out, "  A       N  Z\n  xy      5\n  x   1,000  end\n");
+    }
+}
