@@ -6,6 +6,7 @@
 //! shortcut: a duplicate they miss (another session committing the same key a moment later, or
 //! two spellings of one value) still fails the COPY, which names the line, and is isolated there.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use sqlx::postgres::PgConnection;
@@ -157,16 +158,36 @@ fn key_of(batch: &Batch, i: usize, key: &UniqueKey) -> Option<Vec<String>> {
 /// deadlock (and wait `deadlock_timeout`, 1 s, each time). Rows with a NULL key go last.
 pub fn insertion_order(batch: &Batch, keys: &[UniqueKey]) -> Option<Vec<usize>> {
     let key = keys.first()?;
-    let mut rows: Vec<(Option<Vec<String>>, usize)> = (0..batch.good.len())
-        .map(|i| (key_of(batch, i, key), i))
+    let mut rows: Vec<(Option<Cow<'_, [u8]>>, usize)> = (0..batch.good.len())
+        .map(|i| (key_bytes(batch, i, key), i))
         .collect();
-    rows.sort_by(|a, b| match (&a.0, &b.0) {
+    rows.sort_unstable_by(|a, b| match (&a.0, &b.0) {
         (Some(x), Some(y)) => x.cmp(y).then(a.1.cmp(&b.1)),
         (Some(_), None) => std::cmp::Ordering::Less,
         (None, Some(_)) => std::cmp::Ordering::Greater,
         (None, None) => a.1.cmp(&b.1),
     });
     Some(rows.into_iter().map(|(_, i)| i).collect())
+}
+
+/// The row's key as its COPY text fields, without unescaping or allocating for a one-column
+/// key (escaping is one-to-one, so equal text ⇔ equal key text); several columns are joined
+/// with a tab, which never appears unescaped inside a field. `None` when a column is NULL.
+fn key_bytes<'a>(batch: &'a Batch, i: usize, key: &UniqueKey) -> Option<Cow<'a, [u8]>> {
+    let row = &batch.good[i];
+    let line = &batch.copy[row.start..row.end];
+    if let [f] = key.fields[..] {
+        return field(line, f).filter(|v| *v != b"\\N").map(Cow::Borrowed);
+    }
+    let mut out = Vec::new();
+    for (k, &f) in key.fields.iter().enumerate() {
+        let v = field(line, f).filter(|v| *v != b"\\N")?;
+        if k > 0 {
+            out.push(b'\t');
+        }
+        out.extend_from_slice(v);
+    }
+    Some(Cow::Owned(out))
 }
 
 /// Marks rows that repeat a key of an earlier row of the same batch (client side, no round
@@ -178,22 +199,23 @@ pub fn in_batch(
     bad: &mut Vec<(usize, Reject)>,
 ) {
     for key in keys {
-        let mut seen: HashMap<Vec<String>, u64> = HashMap::with_capacity(batch.good.len());
+        let mut seen: HashMap<Cow<'_, [u8]>, u64> = HashMap::with_capacity(batch.good.len());
         for (i, ex) in excluded.iter_mut().enumerate() {
             if *ex {
                 continue;
             }
-            let Some(values) = key_of(batch, i, key) else {
+            let Some(k) = key_bytes(batch, i, key) else {
                 continue;
             };
-            match seen.get(&values) {
+            match seen.get(&k) {
                 Some(first) => {
+                    let values = key_of(batch, i, key).unwrap_or_default();
                     let detail = format!("appears earlier in the same batch (seq {first}).");
                     bad.push((i, duplicate(key, &values, detail)));
                     *ex = true;
                 }
                 None => {
-                    seen.insert(values, batch.good[i].seq);
+                    seen.insert(k, batch.good[i].seq);
                 }
             }
         }

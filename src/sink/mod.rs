@@ -359,7 +359,9 @@ pub async fn commit_batch(
         keys::in_batch(batch, &target.keys, &mut excluded, &mut db_bad);
     }
     let mut probed = target.keys.is_empty();
-    let order = keys::insertion_order(batch, &target.keys);
+    // Already in key order (a feed with rising ids): COPY the packed buffer as it is.
+    let order = keys::insertion_order(batch, &target.keys)
+        .filter(|o| o.iter().enumerate().any(|(k, &i)| k != i));
     loop {
         let mut tx = conn.begin().await.map_err(q("BEGIN"))?;
         if maybe_committed {
