@@ -130,3 +130,64 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
     let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
     v[rank.clamp(1, v.len()) - 1]
 }
+
+/// Merges `value` as section `name` into `target/bench/results.json`, the suite's one file of
+/// figures (each bench writes its own section; a later run of a bench replaces its section).
+pub fn record(name: &str, value: serde_json::Value) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join("results.json");
+    let mut all: serde_json::Map<String, serde_json::Value> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let mut value = value;
+    if let Some(o) = value.as_object_mut() {
+        o.insert(
+            "measured_at".into(),
+            serde_json::Value::String(chrono::Utc::now().to_rfc3339()),
+        );
+    }
+    all.insert(name.to_string(), value);
+    let _ = std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&all).unwrap_or_default(),
+    );
+}
+
+/// Starts `conveyor run` as a child process on `w` with the pipeline lines `extra`; the config
+/// file lives in the temp dir. The daemon runs in its own process, as in production, so the
+/// bench's feed does not compete for its runtime.
+pub fn spawn_daemon(w: &World, extra: &str) -> (std::process::Child, std::path::PathBuf) {
+    let path = std::env::temp_dir().join(format!("{}.toml", w.schema));
+    std::fs::write(&path, config_text(w, extra)).expect("write config");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .arg("--config")
+        .arg(&path)
+        .arg("run")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn conveyor run");
+    (child, path)
+}
+
+/// Stops the daemon with SIGTERM and checks it exits 0.
+pub fn stop_daemon(mut child: std::process::Child, config: &std::path::Path) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().expect("wait for the daemon");
+    let _ = std::fs::remove_file(config);
+    assert!(status.success(), "daemon exit: {status}");
+}
+
+/// Rows in the world's `person` table.
+pub async fn loaded(db: &mut PgConnection, w: &World) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}.person",
+        w.schema
+    )))
+    .fetch_one(db)
+    .await
+    .expect("count")
+}
