@@ -4,7 +4,7 @@
 //! a bare lapin consumer draining them (ack only); publish them again, time conveyor draining
 //! them into the 33-column `person` table; time a plain COPY of the same rows from a file; then
 //! the same conveyor drain with 1 % bad rows of the five seed kinds. Prints every rate and the
-//! ratios, and writes them to `target/bench/drain.json`.
+//! ratios, and records them as section `drain` of `target/bench/results.json`.
 //!
 //! `cargo bench --bench drain` (N = 200,000; `DRAIN_ROWS` overrides). Under `cargo test
 //! --all-targets` it runs a small smoke pass that checks the counts instead.
@@ -130,9 +130,7 @@ async fn measure(w: &World, db: &mut PgConnection, n: u64, bench: bool) {
             "ratio_clean_to_copy": clean / copy,
             "ratio_errors_to_clean": errors / clean,
         });
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-        let _ = std::fs::create_dir_all(&dir);
-        let _ = std::fs::write(dir.join("drain.json"), json.to_string());
+        common::record("drain", json);
     }
 }
 

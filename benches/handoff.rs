@@ -3,7 +3,7 @@
 //!
 //! The daemon runs as a child process with `rotate_every = 150ms` while 200,000 rows are fed at 5,000
 //! rows/s; each handoff's gap is read back from `jobs.handoff_gap_ms`. Prints min / p50 / p99 /
-//! max and writes `target/bench/handoff.json`. `cargo bench --bench handoff`; under `cargo test
+//! max and records section `handoff` of `target/bench/results.json`. `cargo bench --bench handoff`; under `cargo test
 //! --all-targets` a short smoke run checks that gaps are recorded and rows load once.
 
 mod common;
@@ -98,13 +98,11 @@ fn main() {
             if over_50.is_empty() { "none".to_string() } else { over_50.join(", ") }
         );
         if bench {
-            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-            let _ = std::fs::create_dir_all(&dir);
             let json = serde_json::json!({
                 "handoffs": gaps.len(), "rate": rate,
                 "gap_ms": {"min": min, "p50": p50, "p90": p90, "p99": p99, "max": max},
             });
-            let _ = std::fs::write(dir.join("handoff.json"), json.to_string());
+            common::record("handoff", json);
         }
     }));
 }

@@ -4,7 +4,8 @@
 //! the insert time, a few ms before the batch's commit) as p50 / p99 / max per rate. Aim at 5,000
 //! rows/s: p50 ≤ 25 ms, p99 ≤ 100 ms, max ≤ 250 ms.
 //!
-//! `cargo bench --bench latency` (`LATENCY_SECONDS` overrides 60); section `latency` of
+//! `cargo bench --bench latency` (`LATENCY_SECONDS` overrides 60, `LATENCY_EXTRA` adds pipeline
+//! lines such as `latency_ms = 20`); section `latency` of
 //! `target/bench/results.json`. Under `cargo test --all-targets` a 2-second smoke run at 500
 //! rows/s checks that every row loads and latencies are recorded.
 
@@ -28,7 +29,9 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(common::with_world(|w, mut db| async move {
-        let (daemon, config) = common::spawn_daemon(&w, "");
+        // LATENCY_EXTRA: pipeline lines to try a setting (e.g. `latency_ms = 20`).
+        let extra = std::env::var("LATENCY_EXTRA").unwrap_or_default();
+        let (daemon, config) = common::spawn_daemon(&w, &extra);
         tokio::time::sleep(Duration::from_millis(1_000)).await;
         let mut results = Vec::new();
         println!(
@@ -80,7 +83,10 @@ fn main() {
         println!("\naim at 5,000 rows/s: p50 ≤ 25 ms, p99 ≤ 100 ms, max ≤ 250 ms");
         common::stop_daemon(daemon, &config);
         if bench {
-            common::record("latency", serde_json::json!({ "runs": results }));
+            common::record(
+                "latency",
+                serde_json::json!({ "runs": results, "extra": extra }),
+            );
         }
     }));
 }
