@@ -201,6 +201,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         config.alerts,
         shutdown.child_token(),
     ));
+    tracker.spawn(systemd(health.clone(), shutdown.clone()));
     tracker.close();
     info!(pipelines = config.pipelines.len(), amqp = %config.amqp_url, database = %config.database_url, "conveyor running");
     tracker.wait().await;
@@ -213,5 +214,45 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     match failed.load(std::sync::atomic::Ordering::SeqCst) {
         0 => Ok(()),
         n => Err(DaemonError::Workers(n)),
+    }
+}
+
+/// systemd's notify protocol (`Type=notify`): READY=1 once every worker of every pipeline is
+/// registered with the broker, WATCHDOG=1 at half the unit's `WatchdogSec` while the runtime
+/// schedules this task, STOPPING=1 at shutdown. Without `NOTIFY_SOCKET` (not under systemd)
+/// each notification is a no-op.
+async fn systemd(health: Arc<Health>, shutdown: CancellationToken) {
+    use sd_notify::NotifyState;
+    let mut usec = 0;
+    let beat = sd_notify::watchdog_enabled(false, &mut usec)
+        .then(|| std::time::Duration::from_micros(usec / 2));
+    let mut ready = false;
+    let mut last_beat: Option<std::time::Instant> = None;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => {
+                let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+                return;
+            }
+        }
+        if !ready && health.ready() {
+            ready = true;
+            let _ = sd_notify::notify(
+                false,
+                &[
+                    NotifyState::Ready,
+                    NotifyState::Status("every worker registered"),
+                ],
+            );
+            info!("ready: every worker registered (READY=1 to systemd when run as a service)");
+        }
+        if let Some(every) = beat {
+            if last_beat.is_none_or(|t| t.elapsed() >= every) {
+                let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+                last_beat = Some(std::time::Instant::now());
+            }
+        }
     }
 }
