@@ -1,5 +1,6 @@
 //! The command line: argument definitions and dispatch; one thin file per subcommand.
 
+mod check;
 mod consolidate;
 mod eoj;
 mod errors;
@@ -44,6 +45,13 @@ pub enum Command {
     /// Applies migrations first. On SIGTERM or SIGINT it stops consuming, commits and acks
     /// what is in flight, ends the job and exits 0.
     Run,
+    /// Check the config, the broker, the database and the disks before `conveyor run`.
+    ///
+    /// For each pipeline: the queue (exists, or will be declared; its type and
+    /// single-active-consumer), the target table and how the messages map onto its columns,
+    /// the privileges conveyor needs, and the free space of the state and journal dirs. Prints
+    /// the plan and every problem at once; exit 0 when there is none, 1 otherwise.
+    Check(check::CheckArgs),
     /// Create or upgrade conveyor's tables (jobs, robust log) in database.schema; idempotent.
     Migrate,
     /// End a pipeline's active job: a marker behind the backlog, or --priority to end it now.
@@ -129,6 +137,7 @@ pub fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Run => run::run(&cli.config).await,
             Command::Migrate => migrate::run(&cli.config).await,
+            Command::Check(args) => check::run(&cli.config, args).await,
             Command::Feed(args) => feed::run(&cli.config, args).await,
             Command::Eoj(args) => eoj::run(&cli.config, args).await,
             Command::Replay(args) => replay::run(&cli.config, args).await,
