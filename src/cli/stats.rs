@@ -17,8 +17,7 @@ use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Row};
 
 use super::status::{
-    check_tables, clear_screen, duration, print_out, thousands, watch_header, Align, Interrupt,
-    Table,
+    clear_screen, connection, duration, print_out, thousands, watch_header, Align, Interrupt, Table,
 };
 use crate::config::Config;
 use crate::db::quote_ident;
@@ -244,20 +243,13 @@ async fn read(
     config_path: &Path,
     pick: &Pick,
 ) -> anyhow::Result<Read> {
-    let c = match conn {
-        Some(c) => c,
-        None => {
-            let mut c = crate::db::connect(&config.database_url, config.connect_timeout).await?;
-            check_tables(
-                &mut c,
-                &config.schema,
-                &["jobs", "latency_minute", "latency_histogram"],
-                config_path,
-            )
-            .await?;
-            conn.insert(c)
-        }
-    };
+    let c = connection(
+        conn,
+        config,
+        config_path,
+        &["jobs", "latency_minute", "latency_histogram"],
+    )
+    .await?;
     match read_snapshot(c, &quote_ident(&config.schema), pick).await {
         Ok(r) => Ok(r),
         Err(e) => {

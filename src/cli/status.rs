@@ -217,20 +217,7 @@ async fn snapshot(
     pipelines: &[&PipelineConfig],
     last: u32,
 ) -> anyhow::Result<Snapshot> {
-    let c = match conn {
-        Some(c) => c,
-        None => {
-            let mut c = crate::db::connect(&config.database_url, config.connect_timeout).await?;
-            check_tables(
-                &mut c,
-                &config.schema,
-                &["jobs", "status", "status_log"],
-                config_path,
-            )
-            .await?;
-            conn.insert(c)
-        }
-    };
+    let c = connection(conn, config, config_path, &["jobs", "status", "status_log"]).await?;
     match read(c, config, pipelines, last).await {
         Ok(s) => Ok(s),
         Err(e) => {
@@ -520,6 +507,23 @@ pub(super) fn watch_header(command: &str, taken_at: &str, every: Duration) -> St
         short_time(taken_at),
         duration(every.as_secs_f64())
     )
+}
+
+/// The watch loops' connection: the one kept from the last refresh, or a new one whose schema
+/// is checked to hold conveyor's `tables` first.
+pub(super) async fn connection<'c>(
+    conn: &'c mut Option<PgConnection>,
+    config: &Config,
+    config_path: &Path,
+    tables: &[&str],
+) -> anyhow::Result<&'c mut PgConnection> {
+    if conn.is_none() {
+        let mut c = crate::db::connect(&config.database_url, config.connect_timeout).await?;
+        check_tables(&mut c, &config.schema, tables, config_path).await?;
+        *conn = Some(c);
+    }
+    conn.as_mut()
+        .ok_or_else(|| anyhow::anyhow!("no database connection"))
 }
 
 /// Errors unless conveyor's `tables` exist in `schema`, saying how to create them.
