@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info};
+use tracing::{error, info, Instrument};
 
 use crate::config::Config;
 use crate::worker::{self, Health};
@@ -25,8 +25,6 @@ pub enum DaemonError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
-    #[error("{0} worker(s) ended with an error; see the log above")]
-    Workers(usize),
     #[error("the spool directory {} is in use by another conveyor process: give each `conveyor run` its own [state] dir (two processes must never share a spool)", dir.display())]
     StateInUse { dir: std::path::PathBuf },
     #[error("cannot lock the spool directory {}: {source} (check that [state] dir is writable)", dir.display())]
@@ -144,15 +142,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let tracker = TaskTracker::new();
     // Held until `run` returns: the slots' spool directories belong to this process.
     let mut state_locks = Vec::new();
-    let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let closed = Arc::new(tokio::sync::Notify::new());
     // A first run at start-up consolidates what an earlier process left behind.
     closed.notify_one();
-    tracker.spawn(crate::rotator::postjob(
-        config.clone(),
-        closed.clone(),
-        shutdown.child_token(),
-    ));
+    tracker.spawn(
+        crate::rotator::postjob(config.clone(), closed.clone(), shutdown.child_token())
+            .instrument(tracing::info_span!("postjob")),
+    );
     let mut states = Vec::new();
     for p in config.pipelines.iter().cloned() {
         let state = Arc::new(crate::rotator::PipelineState::new(closed.clone()));
@@ -178,22 +174,49 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
                 health: health.clone(),
                 cancel: pipeline_cancel.child_token(),
                 owned: owned.clone(),
+                beat: health.beat_for(&p.name, slot),
             };
-            let (p, failed) = (p.clone(), failed.clone());
-            tracker.spawn(async move {
-                let name = p.name.clone();
-                if let Err(e) = worker::run_slot(ctx, p, spool).await {
-                    error!(pipeline = %name, slot, error = %e, "worker failed");
-                    failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let span = tracing::info_span!("slot", pipeline = %p.name, slot);
+            let p = p.clone();
+            let config = config.clone();
+            tracker.spawn(
+                async move {
+                    let mut spool = spool;
+                    let mut attempt = 0;
+                    loop {
+                        let started = std::time::Instant::now();
+                        match worker::run_slot(ctx.clone(), p.clone(), spool.take()).await {
+                            Ok(()) => break,
+                            Err(e) => {
+                                // One pipeline's failure is its own: the others go on, and
+                                // this slot starts again (recovering its spool first).
+                                if started.elapsed() > std::time::Duration::from_secs(300) {
+                                    attempt = 0;
+                                }
+                                attempt += 1;
+                                crate::metrics::worker_restarted(&p.name, slot);
+                                error!(pipeline = %p.name, slot, attempt, error = %e, "worker failed; restarting this slot (the other pipelines are not affected)");
+                                ctx.beat.park();
+                                tokio::select! {
+                                    _ = tokio::time::sleep(crate::backoff::delay(attempt)) => {}
+                                    _ = ctx.cancel.cancelled() => break,
+                                }
+                                match read_spool(&config, &p, slot).await {
+                                    Ok(s) => spool = s,
+                                    Err(e) => error!(pipeline = %p.name, slot, error = %e, "cannot read the spool again; it is recovered at the next start"),
+                                }
+                            }
+                        }
+                    }
                 }
-            });
+                .instrument(span),
+            );
         }
-        tracker.spawn(crate::rotator::run(
-            config.clone(),
-            p,
-            state,
-            pipeline_cancel.child_token(),
-        ));
+        let span = tracing::info_span!("rotator", pipeline = %p.name);
+        tracker.spawn(
+            crate::rotator::run(config.clone(), p, state, pipeline_cancel.child_token())
+                .instrument(span),
+        );
     }
     tracker.spawn(crate::monitor::run(
         states,
@@ -201,7 +224,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         config.alerts,
         shutdown.child_token(),
     ));
-    tracker.spawn(systemd(health.clone(), shutdown.clone()));
+    tracker.spawn(systemd(
+        health.clone(),
+        config.wedged_after,
+        shutdown.clone(),
+    ));
     tracker.close();
     info!(pipelines = config.pipelines.len(), amqp = %config.amqp_url, database = %config.database_url, "conveyor running");
     tracker.wait().await;
@@ -211,23 +238,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     }
     let _ = upkeep.await;
     drop(state_locks);
-    match failed.load(std::sync::atomic::Ordering::SeqCst) {
-        0 => Ok(()),
-        n => Err(DaemonError::Workers(n)),
-    }
+    Ok(())
 }
 
 /// systemd's notify protocol (`Type=notify`): READY=1 once every worker of every pipeline is
-/// registered with the broker, WATCHDOG=1 at half the unit's `WatchdogSec` while the runtime
-/// schedules this task, STOPPING=1 at shutdown. Without `NOTIFY_SOCKET` (not under systemd)
-/// each notification is a no-op.
-async fn systemd(health: Arc<Health>, shutdown: CancellationToken) {
+/// registered with the broker, WATCHDOG=1 at half the unit's `WatchdogSec` while every worker's
+/// heartbeat is alive (a worker wedged for `wedged_after` stops it, and systemd restarts the
+/// service), STOPPING=1 at shutdown. Without `NOTIFY_SOCKET` (not under systemd) each
+/// notification is a no-op, but a wedge is still logged and shown by the
+/// `conveyor_worker_wedged` gauge.
+async fn systemd(
+    health: Arc<Health>,
+    wedged_after: std::time::Duration,
+    shutdown: CancellationToken,
+) {
     use sd_notify::NotifyState;
     let mut usec = 0;
     let beat = sd_notify::watchdog_enabled(false, &mut usec)
         .then(|| std::time::Duration::from_micros(usec / 2));
     let mut ready = false;
     let mut last_beat: Option<std::time::Instant> = None;
+    let mut wedged_before: Vec<String> = Vec::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
     loop {
         tokio::select! {
@@ -248,8 +279,24 @@ async fn systemd(health: Arc<Health>, shutdown: CancellationToken) {
             );
             info!("ready: every worker registered (READY=1 to systemd when run as a service)");
         }
+        let wedged = health.wedged(wedged_after);
+        let names: Vec<String> = wedged.iter().map(|(n, _)| n.clone()).collect();
+        if names != wedged_before {
+            for (worker, age) in &wedged {
+                if !wedged_before.contains(worker) {
+                    error!(worker = %worker, stuck_s = age.as_secs(), "worker wedged: its loop has not turned for longer than watchdog.wedged_after; no more WATCHDOG=1, so systemd restarts the service (nothing is lost: spool and robust marks)");
+                }
+            }
+            for w in &wedged_before {
+                if !names.contains(w) {
+                    info!(worker = %w, "worker moving again; feeding the watchdog");
+                }
+            }
+            crate::metrics::workers_wedged(names.len());
+            wedged_before = names;
+        }
         if let Some(every) = beat {
-            if last_beat.is_none_or(|t| t.elapsed() >= every) {
+            if wedged_before.is_empty() && last_beat.is_none_or(|t| t.elapsed() >= every) {
                 let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
                 last_beat = Some(std::time::Instant::now());
             }

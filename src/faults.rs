@@ -2,6 +2,8 @@
 //! SIGKILL itself the n-th time it passes `<point>` — a real kill -9, aimed at a moment a timer
 //! could only hit by luck (just after a batch commits, before its ack, in the middle of a
 //! checkpoint, during a handoff). Unset, each point costs one atomic load.
+//! `CONVEYOR_WEDGE_AT=<point>:<n>` instead makes the task passing it the n-th time wait forever:
+//! a wedged worker, for the watchdog test.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -18,12 +20,15 @@ pub const MID_CONSOLIDATION: &str = "mid_consolidation";
 static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
 static PASSES: AtomicU64 = AtomicU64::new(0);
 
+/// `<point>:<n>` from the environment variable `var`.
+fn aim(var: &str) -> Option<(String, u64)> {
+    let v = std::env::var(var).ok()?;
+    let (point, n) = v.split_once(':')?;
+    Some((point.to_string(), n.parse().ok()?))
+}
+
 fn target() -> &'static Option<(String, u64)> {
-    TARGET.get_or_init(|| {
-        let v = std::env::var("CONVEYOR_CRASH_AT").ok()?;
-        let (point, n) = v.split_once(':')?;
-        Some((point.to_string(), n.parse().ok()?))
-    })
+    TARGET.get_or_init(|| aim("CONVEYOR_CRASH_AT"))
 }
 
 /// Passes the crash point `name`.
@@ -35,5 +40,18 @@ pub fn point(name: &str) {
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
+    }
+}
+
+static WEDGE: OnceLock<Option<(String, u64)>> = OnceLock::new();
+static WEDGE_PASSES: AtomicU64 = AtomicU64::new(0);
+
+/// Passes the wedge point `name`: never returns when it is the one aimed at.
+pub async fn wedge(name: &str) {
+    let target = WEDGE.get_or_init(|| aim("CONVEYOR_WEDGE_AT"));
+    let Some((point, n)) = target else { return };
+    if point == name && WEDGE_PASSES.fetch_add(1, Ordering::SeqCst) + 1 == *n {
+        tracing::warn!(point = name, "wedge point reached: this task waits forever");
+        std::future::pending::<()>().await;
     }
 }

@@ -33,6 +33,8 @@ pub const ALERT: &str = "conveyor_alert";
 pub const CLOCK_SKEW: &str = "conveyor_clock_skew_seconds";
 pub const CONSOLIDATION_RUNS: &str = "conveyor_consolidation_runs_total";
 pub const ERROR_HISTORY_ROWS: &str = "conveyor_error_history_rows";
+pub const WORKERS_WEDGED: &str = "conveyor_workers_wedged";
+pub const WORKER_RESTARTS: &str = "conveyor_worker_restarts_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
@@ -107,6 +109,14 @@ fn describe() {
     );
     describe_counter!(JOBS, "jobs ended, by status and end reason");
     describe_gauge!(ACTIVE_WORKER, "1 while this slot owns the queue");
+    describe_gauge!(
+        WORKERS_WEDGED,
+        "workers whose loop has not turned for watchdog.wedged_after (systemd's watchdog is no longer fed)"
+    );
+    describe_counter!(
+        WORKER_RESTARTS,
+        "worker slots restarted after an error that ended them (the other pipelines go on)"
+    );
     describe_histogram!(
         HANDOFF_GAP_SECONDS,
         Unit::Seconds,
@@ -267,6 +277,15 @@ pub fn reconnect(pipeline: &str, service: &'static str) {
 
 pub fn job_ended(pipeline: &str, status: i16, reason: &'static str) {
     metrics::counter!(JOBS, "pipeline" => pipeline.to_string(), "status" => status.to_string(), "end_reason" => reason)
+        .increment(1);
+}
+
+pub fn workers_wedged(n: usize) {
+    metrics::gauge!(WORKERS_WEDGED).set(n as f64);
+}
+
+pub fn worker_restarted(pipeline: &str, slot: &str) {
+    metrics::counter!(WORKER_RESTARTS, "pipeline" => pipeline.to_string(), "slot" => slot.to_string())
         .increment(1);
 }
 

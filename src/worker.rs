@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use sqlx::postgres::PgConnection;
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info, warn, Instrument};
 
 use crate::config::{Config, PipelineConfig};
 use crate::decode::Decoder;
@@ -70,6 +70,7 @@ fn query(what: &'static str) -> impl FnOnce(sqlx::Error) -> WorkerError {
 pub struct Health {
     consuming: std::sync::atomic::AtomicUsize,
     expected: std::sync::atomic::AtomicUsize,
+    beats: std::sync::Mutex<Vec<(String, Arc<std::sync::atomic::AtomicU64>)>>,
 }
 
 impl Health {
@@ -90,6 +91,62 @@ impl Health {
         let e = self.expected.load(SeqCst);
         e > 0 && self.consuming.load(SeqCst) >= e
     }
+
+    /// A heartbeat for the worker of `pipeline` slot `slot`, alive from now.
+    pub fn beat_for(&self, pipeline: &str, slot: &str) -> Beat {
+        let beat = Beat(Arc::new(std::sync::atomic::AtomicU64::new(0)));
+        beat.beat();
+        if let Ok(mut beats) = self.beats.lock() {
+            beats.push((format!("{pipeline}/{slot}"), beat.0.clone()));
+        }
+        beat
+    }
+
+    /// Workers (`pipeline/slot`) whose loop has not turned for longer than `after` while not
+    /// parked in a deliberate wait, with how long.
+    pub fn wedged(&self, after: Duration) -> Vec<(String, Duration)> {
+        let now = Beat::now_ms();
+        let Ok(beats) = self.beats.lock() else {
+            return Vec::new();
+        };
+        beats
+            .iter()
+            .filter_map(|(name, b)| {
+                let last = b.load(std::sync::atomic::Ordering::Relaxed);
+                let age = Duration::from_millis(now.saturating_sub(last));
+                (last != Beat::PARKED && age > after).then(|| (name.clone(), age))
+            })
+            .collect()
+    }
+}
+
+/// A worker's heartbeat for the systemd watchdog. The worker's event loop beats on every turn
+/// (its timers make it turn at least every few seconds); around a wait whose end it does not
+/// control but which is bounded or retried (a backoff, a database outage holding its batches)
+/// it parks instead. A worker neither beating nor parked is wedged: a future that never
+/// completes, a lock never released. The daemon then stops feeding the watchdog so systemd
+/// restarts the service; restarting loses nothing (spool and robust marks).
+#[derive(Debug, Clone)]
+pub struct Beat(Arc<std::sync::atomic::AtomicU64>);
+
+impl Beat {
+    const PARKED: u64 = u64::MAX;
+
+    fn now_ms() -> u64 {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        START.get_or_init(Instant::now).elapsed().as_millis() as u64
+    }
+
+    pub fn beat(&self) {
+        self.0
+            .store(Self::now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// In a deliberate wait until the next [`Beat::beat`].
+    pub fn park(&self) {
+        self.0
+            .store(Self::PARKED, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Everything a slot shares with its pipeline and the daemon.
@@ -103,6 +160,8 @@ pub struct SlotContext {
     /// Identities of the pipeline's recently spooled messages, shared by both slots, to
     /// recognise redeliveries of messages a spool already owns (`spool::owned`).
     pub owned: Arc<std::sync::Mutex<crate::spool::Owned>>,
+    /// This slot's heartbeat for the watchdog.
+    pub beat: Beat,
 }
 
 /// Runs jobs in `slot` of pipeline `p` until `cancel` fires. Initialisation failures (database
@@ -118,6 +177,7 @@ pub async fn run_slot(
     let mut pending = spool;
     let spool_path = crate::spool::spool_path(&ctx.config.state_dir, &p.name, ctx.slot);
     while !ctx.cancel.is_cancelled() {
+        ctx.beat.beat();
         if let Some(spool) = pending.take() {
             loop {
                 match recover::recover(&ctx, &p, &spool).await {
@@ -126,6 +186,7 @@ pub async fn run_slot(
                     Err(e) => {
                         attempt += 1;
                         error!(pipeline = %p.name, slot = ctx.slot, attempt, error = %e, "cannot recover the crashed job's spool yet; retrying (this slot consumes nothing until it is done)");
+                        ctx.beat.park();
                         tokio::select! {
                             _ = tokio::time::sleep(crate::backoff::delay(attempt)) => continue,
                             _ = ctx.cancel.cancelled() => return Ok(()),
@@ -140,6 +201,7 @@ pub async fn run_slot(
             Err(e) => {
                 attempt += 1;
                 error!(pipeline = %p.name, slot = ctx.slot, attempt, error = %e, "cannot start a job; retrying (nothing is consumed until this is fixed)");
+                ctx.beat.park();
                 tokio::select! {
                     _ = tokio::time::sleep(crate::backoff::delay(attempt)) => continue,
                     _ = ctx.cancel.cancelled() => return Ok(()),
@@ -147,7 +209,8 @@ pub async fn run_slot(
             }
         };
         attempt = 0;
-        if job.run(&ctx, &p).await? {
+        let span = tracing::info_span!("job", job = %job.name);
+        if job.run(&ctx, &p).instrument(span).await? {
             // The job ended with spooled rows it could not commit: load them before the next
             // job's spool replaces the file.
             let path = spool_path.clone();
@@ -261,6 +324,8 @@ struct Job {
     latency: crate::stats::JobLatency,
     /// The pipeline's shared state (rotation, alert counters).
     state: Arc<PipelineState>,
+    /// The slot's watchdog heartbeat.
+    beat: Beat,
     /// Publisher clock skew seen in this job's deliveries.
     skew: crate::monitor::SkewWatch,
 }
@@ -387,6 +452,7 @@ impl Job {
             schema: config.schema.clone(),
             latency: crate::stats::JobLatency::new(&config.latency_buckets),
             state: ctx.state.clone(),
+            beat: ctx.beat.clone(),
             skew: crate::monitor::SkewWatch::default(),
         })
     }

@@ -147,3 +147,95 @@ async fn systemd_gets_ready_watchdog_and_stopping() {
     assert!(status.success(), "clean exit: {status}");
     env.cleanup().await;
 }
+
+/// A worker that stops turning (a future that never completes, aimed at the moment its spooled
+/// deliveries would be acked) stops the WATCHDOG=1 heartbeats, so systemd would restart the
+/// service; the log names the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wedged_worker_starves_the_systemd_watchdog() {
+    let env = Env::new("wedge").await;
+    let config = env.write_config(&Settings {
+        top: "[watchdog]\nwedged_after = \"2s\"\n".into(),
+        ..Settings::default()
+    });
+    let sock_path = env.dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind the notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let log = env.dir.join("wedge.log");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "WATCHDOG_PID=$$ exec {} --config {} run",
+            env!("CARGO_BIN_EXE_conveyor"),
+            config.display()
+        ))
+        .current_dir(&env.dir)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .env("CONVEYOR_WEDGE_AT", "before_ack:1")
+        .env_remove("RUST_LOG")
+        .env_remove("CONVEYOR_AMQP_URL")
+        .env_remove("CONVEYOR_DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn");
+    let mut buf = [0u8; 4096];
+    let mut recv_for = |d: Duration| {
+        let mut got = Vec::new();
+        let start = Instant::now();
+        while start.elapsed() < d {
+            if let Ok(n) = sock.recv(&mut buf) {
+                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        got
+    };
+    let beats = |m: &[String]| m.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    let before = recv_for(Duration::from_secs(3));
+    assert!(before.iter().any(|m| m.contains("READY=1")), "{before:?}");
+    assert!(
+        beats(&before) >= 3,
+        "fed while every worker turns: {before:?}"
+    );
+
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !text().contains("worker wedged"),
+        "idle workers are not wedged: {}",
+        text()
+    );
+    env.feed(20, 0.0, 1, 1).await;
+    let start = Instant::now();
+    let wedged_after_point = || {
+        let t = text();
+        t.find("wedge point reached")
+            .is_some_and(|i| t[i..].contains("worker wedged"))
+    };
+    while !wedged_after_point() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the wedge is never noticed; log: {}",
+            text()
+        );
+        recv_for(Duration::from_millis(200));
+    }
+    assert!(
+        text().contains("person/0"),
+        "the log names the worker: {}",
+        text()
+    );
+    // One heartbeat may already be on its way; after that, none.
+    recv_for(Duration::from_millis(300));
+    let after = recv_for(Duration::from_secs(2));
+    assert_eq!(
+        beats(&after),
+        0,
+        "no WATCHDOG=1 once a worker is wedged: {after:?}"
+    );
+
+    let _ = child.kill();
+    let _ = child.wait();
+    env.cleanup().await;
+}

@@ -34,6 +34,10 @@ pub struct Cli {
         default_value = "config/conveyor.toml"
     )]
     pub config: PathBuf,
+    /// Log format on stderr: `pretty` for a terminal, `json` (one object per line, with the
+    /// pipeline, slot and job of every line) for journald/Loki. Overrides log.format.
+    #[arg(long, global = true, env = "CONVEYOR_LOG_FORMAT", value_enum)]
+    pub log_format: Option<crate::config::LogFormat>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -123,6 +127,9 @@ impl std::error::Error for Exit {}
 /// Parses the command line and runs the command; the binary's only entry point.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Some(f) = cli.log_format {
+        let _ = LOG_FORMAT.set(f);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -180,8 +187,14 @@ pub fn pick_pipeline<'c>(
     }
 }
 
-/// Installs the tracing subscriber: `log.format` and `log.level` from the config; RUST_LOG wins.
+/// `--log-format`, when given: it wins over the config file's log.format.
+static LOG_FORMAT: std::sync::OnceLock<crate::config::LogFormat> = std::sync::OnceLock::new();
+
+/// Installs the tracing subscriber: `log.format` (or `--log-format`) and `log.level` from the
+/// config; RUST_LOG wins over the level. In JSON every line carries its spans' fields
+/// (pipeline, slot, job) as `span`/`spans`; pretty prints them as a `slot{…}:job{…}` prefix.
 pub fn init_logging(format: crate::config::LogFormat, level: &str) {
+    let format = LOG_FORMAT.get().copied().unwrap_or(format);
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))

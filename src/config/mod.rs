@@ -39,7 +39,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Pretty,
@@ -65,6 +65,8 @@ pub struct RawConfig {
     pub consolidate: RawConsolidate,
     #[serde(default)]
     pub status: RawStatus,
+    #[serde(default)]
+    pub watchdog: RawWatchdog,
     #[serde(default)]
     pub stats: RawStats,
     #[serde(default)]
@@ -129,6 +131,29 @@ impl Default for RawStatus {
 /// The seed's monitor cadence: often enough to see a stall, rare enough to keep the log small.
 fn default_status_interval() -> String {
     "60s".into()
+}
+
+/// `[watchdog]`: when systemd's watchdog (`WatchdogSec`) stops being fed.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWatchdog {
+    /// A worker whose loop has not turned for this long, outside a deliberate wait (backoff,
+    /// database outage), is wedged: conveyor stops sending WATCHDOG=1 and systemd restarts it.
+    #[serde(default = "default_wedged_after")]
+    pub wedged_after: String,
+}
+
+impl Default for RawWatchdog {
+    fn default() -> Self {
+        Self {
+            wedged_after: default_wedged_after(),
+        }
+    }
+}
+
+/// Well above the worker loop's slowest turn (a 10 s bounded AMQP operation, 10 s timers).
+fn default_wedged_after() -> String {
+    "2m".into()
 }
 
 /// `[consolidate]`: moving each ended job's error tables into `error_history` (DESIGN §4).
@@ -359,6 +384,8 @@ pub struct Config {
     pub log_level: String,
     pub consolidate: ConsolidateConfig,
     pub status_interval: Duration,
+    /// `[watchdog] wedged_after`.
+    pub wedged_after: Duration,
     /// Upper bounds (s) of the latency ranges, strictly increasing.
     pub latency_buckets: Vec<f64>,
     pub alerts: crate::monitor::Thresholds,
@@ -490,6 +517,16 @@ impl RawConfig {
                 Duration::from_secs(60)
             }
         };
+        let wedged_after = match humantime::parse_duration(&self.watchdog.wedged_after) {
+            Ok(d) if d >= Duration::from_secs(1) => d,
+            _ => {
+                problems.push(format!(
+                    "watchdog.wedged_after = {:?} must be a duration of at least 1s (e.g. \"2m\")",
+                    self.watchdog.wedged_after
+                ));
+                Duration::from_secs(120)
+            }
+        };
         let latency_buckets = self
             .stats
             .latency_buckets
@@ -547,6 +584,7 @@ impl RawConfig {
                 after_job: self.consolidate.after_job,
             },
             status_interval,
+            wedged_after,
             latency_buckets,
             alerts: crate::monitor::Thresholds {
                 low_rate: self.alerts.low_rate,

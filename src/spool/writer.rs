@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 use tracing::{info, warn};
 
 use super::files::{frame_bounds, frame_seq, Files};
@@ -98,7 +99,7 @@ impl Spool {
         let (data, data_rx) = mpsc::channel(QUEUE);
         let (tx, rx) = mpsc::channel(4);
         let (durable_tx, durable) = watch::channel(Durable::default());
-        let task = tokio::spawn(run(opts, files, data_rx, rx, durable_tx));
+        let task = tokio::spawn(run(opts, files, data_rx, rx, durable_tx).in_current_span());
         Ok(Spool {
             data,
             tx,

@@ -9,7 +9,7 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
 use lapin::{Channel, Connection, Consumer};
 use tokio::sync::{mpsc, Mutex, Semaphore};
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{error, info, warn, Instrument};
 
 use super::spooled::{next_durable, reserve};
 use super::{Job, SlotContext, WorkerError};
@@ -87,18 +87,21 @@ impl Job {
             .into_iter()
             .enumerate()
         {
-            sessions.spawn(sink::run_session(
-                i,
-                Some(conn),
-                params.clone(),
-                self.target.clone(),
-                sink::SessionPipes {
-                    batches: queue.clone(),
-                    permits: permits.clone(),
-                    outcomes: outcome_tx.clone(),
-                },
-                session_cancel.clone(),
-            ));
+            sessions.spawn(
+                sink::run_session(
+                    i,
+                    Some(conn),
+                    params.clone(),
+                    self.target.clone(),
+                    sink::SessionPipes {
+                        batches: queue.clone(),
+                        permits: permits.clone(),
+                        outcomes: outcome_tx.clone(),
+                    },
+                    session_cancel.clone(),
+                )
+                .in_current_span(),
+            );
         }
         sessions.close();
         drop(outcome_tx);
@@ -124,6 +127,8 @@ impl Job {
         checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         checkpoint_tick.reset();
         let reason = 'connection: loop {
+            // Connecting is bounded by timeouts; an exclusive standby waits here for its turn.
+            self.beat.park();
             let reg = tokio::select! {
                 r = self.register(ctx, p) => r,
                 _ = ctx.cancel.cancelled() => break 'connection EndReason::Shutdown,
@@ -143,6 +148,7 @@ impl Job {
                     attempt += 1;
                     crate::metrics::reconnect(&p.name, "rabbitmq");
                     warn!(pipeline = %p.name, slot = ctx.slot, attempt, error = %e, "RabbitMQ unavailable; retrying");
+                    self.beat.park();
                     tokio::select! {
                         _ = tokio::time::sleep(crate::backoff::delay(attempt)) => continue 'connection,
                         _ = ctx.cancel.cancelled() => break 'connection EndReason::Shutdown,
@@ -178,7 +184,12 @@ impl Job {
             let mut status_tick = tokio::time::interval(ctx.config.status_interval);
             status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             status_tick.reset();
+            // Makes the loop turn (and beat) even when nothing else happens, so a wedge is
+            // told from an idle worker within a second.
+            let mut beat_tick = tokio::time::interval(Duration::from_secs(1));
+            beat_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let stop = loop {
+                self.beat.beat();
                 tokio::select! {
                     biased;
                     _ = ctx.cancel.cancelled() => break Stop::Shutdown,
@@ -197,6 +208,7 @@ impl Job {
                     _ = &mut idle_timer, if self.active && p.idle_eoj.is_some() && self.counts.read > 0 => {
                         break Stop::End(EndReason::Idle);
                     }
+                    _ = beat_tick.tick() => {}
                     c = control.next() => match c {
                         Some(Ok(d)) => {
                             if self.control_applies(&d.data, p) {
@@ -623,6 +635,9 @@ impl Job {
                     }
                     return Ok(());
                 }
+                // The sessions hold every batch (a database outage; they retry on their own):
+                // waiting for them is not a wedge.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => self.beat.park(),
                 Some(o) = outcomes.recv() => match channel {
                     Some(c) => self.on_outcome(o, c, flight).await?,
                     None => {

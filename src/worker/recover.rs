@@ -183,6 +183,7 @@ async fn commit(
     totals: &mut Recovered,
 ) -> Result<(), WorkerError> {
     let mut attempt = 0u32;
+    ctx.beat.beat();
     loop {
         if session.is_none() {
             match crate::db::connect(&ctx.config.database_url, ctx.config.connect_timeout).await {
@@ -208,9 +209,11 @@ async fn commit(
             }
         }
         attempt += 1;
+        ctx.beat.park();
         tokio::select! {
             _ = tokio::time::sleep(crate::backoff::delay(attempt)) => {}
             _ = ctx.cancel.cancelled() => return Err(WorkerError::Interrupted),
         }
+        ctx.beat.beat();
     }
 }

@@ -42,6 +42,7 @@ impl Job {
             if upto >= base_seq && upto > self.acked_seq {
                 let tag = base_tag + (upto - base_seq);
                 crate::faults::point(crate::faults::BEFORE_ACK);
+                crate::faults::wedge(crate::faults::BEFORE_ACK).await;
                 match bounded(c.basic_ack(tag, BasicAckOptions { multiple: true })).await {
                     Some(Ok(())) => self.acked_seq = upto,
                     _ => {
@@ -97,6 +98,8 @@ impl Job {
             s.sync().await;
         }
         self.release(tx, outcomes, None, flight).await?;
+        // Waits for the sessions, which retry a database outage on their own: not a wedge.
+        self.beat.park();
         while flight.in_flight > 0 || !self.waiting.is_empty() {
             if flight.in_flight == 0 && self.spool_failing && ctx.cancel.is_cancelled() {
                 break;
