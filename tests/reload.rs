@@ -163,7 +163,7 @@ async fn a_wedged_worker_starves_the_systemd_watchdog() {
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .expect("timeout");
     let log = env.dir.join("wedge.log");
-    let mut child = Command::new("sh")
+    let child = Command::new("sh")
         .arg("-c")
         .arg(format!(
             "WATCHDOG_PID=$$ exec {} --config {} run",
@@ -181,6 +181,11 @@ async fn a_wedged_worker_starves_the_systemd_watchdog() {
         .stderr(std::fs::File::create(&log).expect("log file"))
         .spawn()
         .expect("spawn");
+    // Killed on drop, also when an assertion fails.
+    let mut daemon = support::Daemon {
+        child,
+        log: log.clone(),
+    };
     let mut buf = [0u8; 4096];
     let mut recv_for = |d: Duration| {
         let mut got = Vec::new();
@@ -235,7 +240,6 @@ async fn a_wedged_worker_starves_the_systemd_watchdog() {
         "no WATCHDOG=1 once a worker is wedged: {after:?}"
     );
 
-    let _ = child.kill();
-    let _ = child.wait();
+    daemon.kill9();
     env.cleanup().await;
 }

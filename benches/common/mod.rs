@@ -117,6 +117,7 @@ pub async fn feed(
         seed,
         id_base: seed * 100_000_000,
         progress: false,
+        exchange: None,
     })
     .await
     .expect("feed")

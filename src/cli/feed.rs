@@ -32,6 +32,11 @@ pub struct FeedArgs {
     /// First id number; use distinct ranges when feeding one table several times.
     #[arg(long, default_value_t = 1)]
     pub id_base: u64,
+    /// Publish to this exchange instead of a queue, with each message's id as the routing key:
+    /// a consistent-hash exchange shards the stream over its queues, one id always to the
+    /// same queue (docs/scaling.md). The exchange must exist.
+    #[arg(long)]
+    pub exchange: Option<String>,
     /// No progress bar (for scripts and logs).
     #[arg(long)]
     pub quiet: bool,
@@ -56,12 +61,16 @@ pub async fn run(config_path: &Path, args: FeedArgs) -> anyhow::Result<()> {
         seed: args.seed,
         id_base: args.id_base,
         progress: !args.quiet,
+        exchange: args.exchange.clone(),
     };
-    let queue = opts.queue.clone();
+    let queue = match &opts.exchange {
+        Some(x) => format!("exchange {x}"),
+        None => opts.queue.clone(),
+    };
     let report = crate::feed::run(opts).await?;
     let bad: u64 = report.bad.values().sum();
     println!(
-        "published {} rows to {queue:?} in {:.1} s ({:.0} rows/s): {} good, {} bad",
+        "published {} rows to {queue} in {:.1} s ({:.0} rows/s): {} good, {} bad",
         report.published,
         report.seconds,
         report.published as f64 / report.seconds.max(1e-9),

@@ -128,6 +128,10 @@ pub struct FeedOptions {
     pub id_base: u64,
     /// Show an indicatif progress bar with the rate.
     pub progress: bool,
+    /// Publish to this exchange (which must exist), with each message's id as routing key,
+    /// instead of to `queue`: a consistent-hash exchange then shards the stream over its
+    /// queues (docs/scaling.md).
+    pub exchange: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -296,7 +300,12 @@ async fn publish_on(
     file: Option<(PathBuf, tokio::fs::File)>,
 ) -> Result<FeedReport, FeedError> {
     let amqp = |what| move |source| FeedError::Amqp { what, source };
-    source::declare_queue(channel, &opts.queue, opts.declare).await?;
+    match &opts.exchange {
+        Some(x) => source::check_exchange(channel, x).await?,
+        None => {
+            source::declare_queue(channel, &opts.queue, opts.declare).await?;
+        }
+    }
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
@@ -304,6 +313,9 @@ async fn publish_on(
 
     let bar = progress_bar(opts, file.is_some());
     let mut publisher = Publisher::new(channel, &opts.queue, opts.rate, bar.clone());
+    if let Some(x) = &opts.exchange {
+        publisher = publisher.via_exchange(x);
+    }
     let mut report = match file {
         Some((path, f)) => feed_file(&mut publisher, opts.seed, &path, f).await?,
         None => feed_generated(&mut publisher, opts).await?,
@@ -742,6 +754,7 @@ mod tests {
             seed: 0,
             id_base: 0,
             progress: false,
+            exchange: None,
         };
         // Only built, never polled: no network.
         let fut = run(opts);
@@ -761,6 +774,7 @@ mod tests {
             seed: 1,
             id_base: 0,
             progress: false,
+            exchange: None,
         };
         assert!(validate(&opts).is_ok());
         assert!(validate(&FeedOptions {

@@ -30,6 +30,8 @@ enum InFlight<'a> {
 pub(crate) struct Publisher<'a> {
     channel: &'a Channel,
     queue: &'a str,
+    /// "" (the default exchange, routing key = `queue`) or an exchange routing by message id.
+    exchange: &'a str,
     window: VecDeque<(String, InFlight<'a>)>,
     rate: u64,
     pub(crate) start: Instant,
@@ -42,12 +44,19 @@ impl<'a> Publisher<'a> {
         Publisher {
             channel,
             queue,
+            exchange: "",
             window: VecDeque::with_capacity(CONFIRM_WINDOW),
             rate,
             start: Instant::now(),
             sent: 0,
             bar,
         }
+    }
+
+    /// Publishes to `exchange` with each message's id as the routing key.
+    pub(crate) fn via_exchange(mut self, exchange: &'a str) -> Self {
+        self.exchange = exchange;
+        self
     }
 
     pub(super) async fn publish(
@@ -80,11 +89,16 @@ impl<'a> Publisher<'a> {
             self.confirm_oldest().await?;
         }
         let channel = self.channel;
-        let routing_key = self.queue.into();
+        let exchange = self.exchange;
+        let routing_key = if exchange.is_empty() {
+            self.queue.into()
+        } else {
+            message_id.as_str().into()
+        };
         let mut sending: Pin<Box<dyn Future<Output = _> + Send + 'a>> = Box::pin(async move {
             channel
                 .basic_publish(
-                    "".into(),
+                    exchange.into(),
                     routing_key,
                     BasicPublishOptions {
                         // Unroutable (queue deleted meanwhile) comes back instead of vanishing.

@@ -24,6 +24,13 @@ pub enum SourceError {
     Declare { queue: String, source: lapin::Error },
     #[error("the broker refused a message published to {exchange:?} (nack); check the broker's log for resource alarms")]
     Nacked { exchange: String },
+    #[error("exchange {exchange:?} does not exist: declare it first (deploy/rabbitmq/definitions.json, or docs/scaling.md for a sharded stream)")]
+    ExchangeMissing { exchange: String },
+    #[error("cannot declare the consistent-hash exchange {exchange:?}: {source} (\"unknown exchange type\" means the plugin is off: rabbitmq-plugins enable rabbitmq_consistent_hash_exchange)")]
+    ShardExchange {
+        exchange: String,
+        source: lapin::Error,
+    },
     #[error("AMQP {what} failed: {source}")]
     Channel {
         what: &'static str,
@@ -50,6 +57,80 @@ pub async fn open_channel(conn: &Connection) -> Result<Channel, SourceError> {
             what: "channel.open",
             source,
         })
+}
+
+/// Checks that `exchange` exists (a passive declare; on failure the broker closes `channel`).
+pub async fn check_exchange(channel: &Channel, exchange: &str) -> Result<(), SourceError> {
+    let opts = lapin::options::ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            exchange.into(),
+            lapin::ExchangeKind::Direct,
+            opts,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|source| {
+            if is_not_found(&source) {
+                SourceError::ExchangeMissing {
+                    exchange: exchange.to_string(),
+                }
+            } else {
+                SourceError::Channel {
+                    what: "exchange.declare",
+                    source,
+                }
+            }
+        })
+}
+
+/// Declares a stream sharded over `queues` (DESIGN §7): a durable consistent-hash exchange
+/// `exchange` and each queue (as `declare` says) bound to it with weight 1, so every queue
+/// gets an equal share of the routing keys and one key always reaches the same queue.
+/// Idempotent. Publishers then publish to `exchange` with the row's key as routing key.
+pub async fn declare_sharded(
+    channel: &Channel,
+    exchange: &str,
+    queues: &[String],
+    declare: QueueDeclare,
+) -> Result<(), SourceError> {
+    let opts = lapin::options::ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            exchange.into(),
+            lapin::ExchangeKind::Custom("x-consistent-hash".into()),
+            opts,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|source| SourceError::ShardExchange {
+            exchange: exchange.to_string(),
+            source,
+        })?;
+    for q in queues {
+        declare_queue(channel, q, declare).await?;
+        // The binding key is the queue's weight in the hash ring.
+        channel
+            .queue_bind(
+                q.as_str().into(),
+                exchange.into(),
+                "1".into(),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| SourceError::Channel {
+                what: "queue.bind",
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 /// Queue arguments for `declare`: durable with single-active-consumer, so that a second worker

@@ -232,6 +232,7 @@ queue_time_column = "queue_time"
             seed,
             id_base,
             progress: false,
+            exchange: None,
         })
         .await
         .expect("feed")
