@@ -293,6 +293,7 @@ async fn systemd(
                 }
             }
             crate::metrics::workers_wedged(names.len());
+            health.set_wedged(names.len());
             wedged_before = names;
         }
         if let Some(every) = beat {

@@ -1,4 +1,4 @@
-//! HTTP endpoints for operators and Prometheus: `/metrics`, `/healthz` (the process is alive)
+//! HTTP endpoints for operators and Prometheus: `/metrics`, `/healthz` (alive: no worker wedged)
 //! and `/readyz` (every worker is consuming).
 
 use std::net::SocketAddr;
@@ -30,7 +30,7 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(render))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(alive))
         .route("/readyz", get(ready))
         .with_state(AppState { metrics, health });
     let task = tokio::spawn(async move {
@@ -46,6 +46,18 @@ pub async fn serve(
 
 async fn render(State(s): State<AppState>) -> String {
     s.metrics.render()
+}
+
+/// Alive unless a worker is wedged (then a restart is what helps; systemd's watchdog does it,
+/// elsewhere the orchestrator's liveness probe).
+async fn alive(State(s): State<AppState>) -> (StatusCode, String) {
+    match s.health.wedged_now() {
+        0 => (StatusCode::OK, "ok\n".into()),
+        n => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("wedged: {n} worker(s) stuck for longer than watchdog.wedged_after; restart the process (see the log)\n"),
+        ),
+    }
 }
 
 async fn ready(State(s): State<AppState>) -> (StatusCode, &'static str) {

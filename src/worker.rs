@@ -71,6 +71,8 @@ pub struct Health {
     consuming: std::sync::atomic::AtomicUsize,
     expected: std::sync::atomic::AtomicUsize,
     beats: std::sync::Mutex<Vec<(String, Arc<std::sync::atomic::AtomicU64>)>>,
+    /// Workers found wedged at the daemon's last look (for `/healthz`).
+    wedged_now: std::sync::atomic::AtomicUsize,
 }
 
 impl Health {
@@ -100,6 +102,17 @@ impl Health {
             beats.push((format!("{pipeline}/{slot}"), beat.0.clone()));
         }
         beat
+    }
+
+    /// Records how many workers the daemon found wedged.
+    pub fn set_wedged(&self, n: usize) {
+        self.wedged_now
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Workers found wedged at the daemon's last look.
+    pub fn wedged_now(&self) -> usize {
+        self.wedged_now.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Workers (`pipeline/slot`) whose loop has not turned for longer than `after` while not

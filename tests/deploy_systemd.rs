@@ -407,3 +407,39 @@ fn systemd_analyze_verifies_the_unit() {
         }
     );
 }
+
+#[test]
+fn sharded_definitions_bind_every_shard_queue_to_the_hash_exchange() {
+    let d: serde_json::Value =
+        serde_json::from_str(&read("deploy/rabbitmq/definitions-sharded.json"))
+            .expect("definitions-sharded.json parses");
+    let x = d["exchanges"]
+        .as_array()
+        .expect("exchanges")
+        .iter()
+        .find(|x| x["type"] == "x-consistent-hash")
+        .expect("a consistent-hash exchange")
+        .clone();
+    assert_eq!(x["durable"], true);
+    let queues = d["queues"].as_array().expect("queues");
+    assert!(queues.len() >= 2, "a sharded stream has several queues");
+    let bindings = d["bindings"].as_array().expect("bindings");
+    for q in queues {
+        // The daemon declares each shard queue like any other (queue_declare = "quorum").
+        let args = q["arguments"].as_object().expect("arguments");
+        assert_eq!(args.get("x-queue-type"), Some(&"quorum".into()));
+        assert_eq!(args.get("x-single-active-consumer"), Some(&true.into()));
+        assert_eq!(args.len(), 2, "{args:?}");
+        let b = bindings
+            .iter()
+            .find(|b| b["destination"] == q["name"])
+            .unwrap_or_else(|| panic!("{} is bound", q["name"]));
+        assert_eq!(b["source"], x["name"]);
+        assert_eq!(b["destination_type"], "queue");
+        // The routing key of a consistent-hash binding is the queue's weight.
+        assert!(b["routing_key"]
+            .as_str()
+            .and_then(|w| w.parse::<u32>().ok())
+            .is_some_and(|w| w > 0));
+    }
+}

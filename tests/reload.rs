@@ -154,8 +154,10 @@ async fn systemd_gets_ready_watchdog_and_stopping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wedged_worker_starves_the_systemd_watchdog() {
     let env = Env::new("wedge").await;
+    let port = support::free_port();
     let config = env.write_config(&Settings {
         top: "[watchdog]\nwedged_after = \"2s\"\n".into(),
+        http_listen: format!("127.0.0.1:{port}"),
         ..Settings::default()
     });
     let sock_path = env.dir.join("notify.sock");
@@ -211,6 +213,7 @@ async fn a_wedged_worker_starves_the_systemd_watchdog() {
         "idle workers are not wedged: {}",
         text()
     );
+    assert_eq!(support::get(port, "/healthz").await.0, 200);
     env.feed(20, 0.0, 1, 1).await;
     let start = Instant::now();
     let wedged_after_point = || {
@@ -230,6 +233,14 @@ async fn a_wedged_worker_starves_the_systemd_watchdog() {
         text().contains("person/0"),
         "the log names the worker: {}",
         text()
+    );
+    let (code, body) = support::get(port, "/healthz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("wedged"), "{body}");
+    let (_, metrics) = support::get(port, "/metrics").await;
+    assert!(
+        support::sample(&metrics, "conveyor_workers_wedged", &[]) >= 1.0,
+        "{metrics}"
     );
     // One heartbeat may already be on its way; after that, none.
     recv_for(Duration::from_millis(300));
