@@ -7,6 +7,7 @@
 //! has the map and the guarantees.
 
 pub mod backoff;
+pub mod changes;
 pub mod cli;
 pub mod config;
 pub mod consolidate;
@@ -28,4 +29,5 @@ pub mod sink;
 pub mod source;
 pub mod spool;
 pub mod stats;
+pub mod steps;
 pub mod worker;

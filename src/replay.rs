@@ -242,6 +242,18 @@ pub async fn direct(
     contents: &FileContents,
     progress: bool,
 ) -> Result<ReplayReport, ReplayError> {
+    direct_steps(config, p, contents, progress, None).await
+}
+
+/// [`direct`] writing only some steps of a routed pipeline, counted for the job they re-run
+/// (`conveyor run-steps`).
+pub async fn direct_steps(
+    config: &Config,
+    p: &PipelineConfig,
+    contents: &FileContents,
+    progress: bool,
+    rerun: Option<(&str, &[i32])>,
+) -> Result<ReplayReport, ReplayError> {
     let started = Instant::now();
     let total = messages(contents).count() as u64;
     let mut conn = crate::db::connect(&config.database_url, config.connect_timeout).await?;
@@ -251,7 +263,8 @@ pub async fn direct(
         chrono::Utc::now().format("%Y%m%d_%H%M%S"),
         p.name
     );
-    let (mut decoder, target) = sink::prepare(&mut conn, &config.schema, p, &job).await?;
+    let (mut decoder, target) =
+        sink::prepare_for(&mut conn, &config.schema, p, &job, rerun).await?;
     let bar = bar(total, progress);
     let mut report = ReplayReport::default();
     let mut packer = Packer::new(p.pack, Duration::from_secs(3600));

@@ -313,14 +313,19 @@ pub async fn postjob(
     closed: Arc<tokio::sync::Notify>,
     cancel: CancellationToken,
 ) {
-    if !config.consolidate.after_job {
-        return;
-    }
     let caller = format!("rotator@{}:{}", crate::job::host(), std::process::id());
     loop {
         tokio::select! {
             _ = closed.notified() => {}
             _ = cancel.cancelled() => return,
+        }
+        // Post-job SQL steps first: they finish the job's own data (e.g. make its rows
+        // visible); each is one transaction, so shutdown cannot cut one in half.
+        if let Err(e) = crate::steps::run_post(&config, false, None).await {
+            warn!(error = %e, "post-job steps could not run; the next job end retries");
+        }
+        if !config.consolidate.after_job {
+            continue;
         }
         let mut opts = crate::consolidate::Options::from_config(&config, caller.clone());
         // Shutdown stops the run between two steps (each one short transaction); the next run

@@ -357,10 +357,7 @@ impl Job {
         if stale > 0 {
             warn!(pipeline = %p.name, slot = ctx.slot, stale, "marked jobs left running by a dead process as failed");
         }
-        let columns =
-            sink::catalog::read_columns(&mut control, p.target_schema.as_deref(), &p.target_table)
-                .await?;
-        let decoder = Decoder::new(&columns, p)?;
+        let decoder = sink::decoder_for(&mut control, p).await?;
         let params = serde_json::to_value(&*p).unwrap_or_default();
         let name = jobs
             .start(&mut control, &p.name, ctx.slot, &params)
@@ -383,6 +380,11 @@ impl Job {
             target = target.with_dedup(&config.schema);
         }
         target.setup(&mut control, p.mode).await?;
+        if !p.routes.is_empty() {
+            target.routes = Some(
+                sink::routed::Routes::prepare(&mut control, &config.schema, p, &name, None).await?,
+            );
+        }
         target.latency_buckets = config.latency_buckets.clone();
         let target = Arc::new(target);
         let sessions = p.sessions.max(p.priority_sessions.unwrap_or(0));
@@ -571,11 +573,12 @@ impl Job {
     /// report's closing lines.
     async fn end(
         mut self,
-        pipeline: &str,
+        p: &PipelineConfig,
         reason: EndReason,
         failure: Option<String>,
         spool_kept: bool,
     ) {
+        let pipeline = p.name.as_str();
         let (status, reason) = match &failure {
             None => (STATUS_SUCCESS, reason),
             Some(_) => (STATUS_FAILURE, EndReason::Error),
@@ -607,6 +610,7 @@ impl Job {
                     jobs.status_update(c, &name, "ended", &counts).await?;
                     crate::stats::save(c, &schema, &name, pipeline, &latency).await?;
                     jobs.status_end(c, std::slice::from_ref(&name)).await?;
+                    crate::steps::job_ended(c, &schema, p, &name, status == STATUS_SUCCESS).await?;
                     let errors = sink::errors::drop_empty(c, &et, &uv).await?;
                     if !spool_kept {
                         // With the spool kept, its recovery needs the marks to skip what committed.

@@ -1,5 +1,7 @@
 //! `conveyor consolidate`: the post-job consolidation by hand (the rotator runs it after every
 //! job). Exit code = the run's result: 0 ok, 1 failed (resumable), 2 locked by another caller.
+//! `--steps` instead runs the post-job SQL steps again: failed ones (status 3) and those that
+//! waited behind them.
 
 use std::path::Path;
 
@@ -20,6 +22,11 @@ pub struct ConsolidateArgs {
     /// Mark failed and abandoned runs as reset (acknowledged), then run.
     #[arg(long)]
     pub reset: bool,
+    /// Run the post-job SQL steps instead: the failed ones (status 3) again, then the ones
+    /// that waited behind them, in step order (with --job, only that job's). Exit 1 if one
+    /// still fails.
+    #[arg(long)]
+    pub steps: bool,
     /// Name recorded on the run and shown to a caller that finds the lock taken.
     #[arg(long, default_value_t = default_caller())]
     pub caller: String,
@@ -33,6 +40,9 @@ fn default_caller() -> String {
 pub async fn run(config_path: &Path, args: ConsolidateArgs) -> anyhow::Result<()> {
     let config = crate::config::Config::load(config_path)?;
     super::init_logging(config.log_format, "warn");
+    if args.steps {
+        return steps(&config, args.job.as_deref()).await;
+    }
     let mut opts = Options::from_config(&config, args.caller);
     if let Some(l) = args.limit {
         anyhow::ensure!(
@@ -98,5 +108,27 @@ pub async fn run(config_path: &Path, args: ConsolidateArgs) -> anyhow::Result<()
             )
             .into())
         }
+    }
+}
+
+async fn steps(config: &crate::config::Config, job: Option<&str>) -> anyhow::Result<()> {
+    let report = crate::steps::run_post(config, true, job).await?;
+    for (job, step, rows) in &report.succeeded {
+        println!("{job} step {step}: status 1 ({rows} rows)");
+    }
+    for (job, step, error) in &report.failed {
+        println!("{job} step {step}: status 3 — {error}");
+    }
+    if report.succeeded.is_empty() && report.failed.is_empty() {
+        println!("no post-job step is pending or failed");
+    }
+    if report.failed.is_empty() {
+        Ok(())
+    } else {
+        Err(super::Exit::new(
+            1,
+            "a post-job step failed again (status 3); the job's loaded data is kept. Fix the cause, then run `conveyor consolidate --steps` again",
+        )
+        .into())
     }
 }

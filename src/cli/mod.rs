@@ -5,9 +5,11 @@ mod consolidate;
 mod eoj;
 mod errors;
 mod feed;
+mod journal;
 mod migrate;
 mod replay;
 mod run;
+mod run_steps;
 mod stats;
 mod status;
 mod view;
@@ -92,6 +94,12 @@ pub enum Command {
     /// Default: the pipeline's most recent job with statistics; --job J or --last N for
     /// others. Latency = commit time on the database clock − the row's queue time.
     Stats(stats::StatsArgs),
+    /// The change journal of routed pipelines (ODI's J$): `lock` a subscriber's window, `purge`
+    /// it after the downstream run succeeded, `status` of every subscriber's backlog.
+    Journal(journal::JournalArgs),
+    /// Run one step (--step N) or all steps (--step -1) of a job again: a route's rows from the
+    /// job's journal file, or a post-job SQL step; for recovery, as ETL2's step selector.
+    RunSteps(run_steps::RunStepsArgs),
     /// Create (or --drop) a point-in-time view over a pipeline's target table: the rows the
     /// database had inserted by --at TIME.
     ///
@@ -153,6 +161,8 @@ pub fn main() -> std::process::ExitCode {
             Command::Status(args) => status::run(&cli.config, args).await,
             Command::Stats(args) => stats::run(&cli.config, args).await,
             Command::View(args) => view::run(&cli.config, args).await,
+            Command::Journal(args) => journal::run(&cli.config, args).await,
+            Command::RunSteps(args) => run_steps::run(&cli.config, args).await,
         }
     });
     match result {

@@ -13,6 +13,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod pipeline;
+mod routes;
+
+pub use routes::{split_table, Identity, PostStep, RouteConfig, RouteMode};
 
 pub use pipeline::{
     Durability, Handoff, LoadMode, PipelineConfig, QueueDeclare, RawPipeline, UnknownFields,

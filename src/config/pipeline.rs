@@ -74,7 +74,16 @@ pub struct RawPipeline {
     pub queue: String,
     #[serde(default = "default_declare")]
     pub queue_declare: QueueDeclare,
-    pub target: String,
+    /// The target table; optional when `route` sections name the tables (then the first
+    /// route's table stands for the pipeline where one table is shown).
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Several tables, one numbered step each (`[[pipeline.route]]`).
+    #[serde(default)]
+    pub route: Vec<super::routes::RawRoute>,
+    /// SQL run after each job whose load succeeded (`[[pipeline.post_step]]`).
+    #[serde(default)]
+    pub post_step: Vec<super::routes::RawPostStep>,
     #[serde(default = "default_prefetch")]
     pub prefetch: u32,
     #[serde(default = "default_pack")]
@@ -270,6 +279,9 @@ pub struct PipelineConfig {
     pub journal: bool,
     pub journal_keep: Duration,
     pub dedup_keep: Duration,
+    /// Routed pipelines: one entry per table, in step order (empty: `target` only).
+    pub routes: Vec<super::routes::RouteConfig>,
+    pub post_steps: Vec<super::routes::PostStep>,
 }
 
 impl RawPipeline {
@@ -291,14 +303,30 @@ impl RawPipeline {
         if p.queue.is_empty() || p.queue.len() > 255 {
             problems.push(format!("{at}.queue must be 1 to 255 bytes"));
         }
-        let (target_schema, target_table) = match p.target.split_once('.') {
-            Some((s, t)) => (Some(s.to_string()), t.to_string()),
-            None => (None, p.target.clone()),
+        let (routes, post_steps) = super::routes::validate(at, p.route, p.post_step, problems);
+        let (target_schema, target_table) = match (&p.target, routes.first()) {
+            (Some(t), _) => super::routes::split_table(t).unwrap_or_else(|| {
+                problems.push(format!(
+                    "{at}.target = {t:?} must be table or schema.table (plain identifiers)"
+                ));
+                (None, String::new())
+            }),
+            (None, Some(r)) => (r.target_schema.clone(), r.target_table.clone()),
+            (None, None) => {
+                problems.push(format!(
+                    "{at} has no target: give `target = \"schema.table\"`, or [[pipeline.route]] sections for several tables"
+                ));
+                (None, String::new())
+            }
         };
-        if !target_schema.as_deref().is_none_or(is_identifier) || !is_identifier(&target_table) {
+        if p.target.is_some() && !routes.is_empty() {
             problems.push(format!(
-                "{at}.target = {:?} must be table or schema.table (plain identifiers)",
-                p.target
+                "{at} has both target and route sections: with routes, each route names its table (drop target)"
+            ));
+        }
+        if !routes.is_empty() && p.mode != LoadMode::Insert {
+            problems.push(format!(
+                "{at}.mode applies to a single target; with routes give each route its mode"
             ));
         }
         let prefetch = match u16::try_from(p.prefetch) {
@@ -452,6 +480,8 @@ impl RawPipeline {
             journal: p.journal,
             journal_keep,
             dedup_keep,
+            routes,
+            post_steps,
         }
     }
 }

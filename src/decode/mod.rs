@@ -80,6 +80,9 @@ pub struct Decoder {
     /// Index in `columns` that receives the queue time.
     queue_time_column: Option<usize>,
     max_body: usize,
+    /// Routed pipelines: only check that the body is a JSON object (each route maps its own
+    /// rows onto its table in the sink, `sink::routed`); nothing is written to the COPY buffer.
+    envelope: bool,
     /// Per-message working memory, reused so the hot path allocates nothing of its own.
     scratch: Scratch,
 }
@@ -150,8 +153,25 @@ impl Decoder {
             queue_time_field,
             queue_time_column,
             max_body: p.max_body_bytes,
+            envelope: false,
             scratch: Scratch::default(),
         })
+    }
+
+    /// The decoder of a routed pipeline: size, UTF-8 and "a JSON object" are checked here;
+    /// routing, fields and types by the routes (`sink::routed`).
+    pub fn envelope(p: &PipelineConfig) -> Decoder {
+        Decoder {
+            columns: Vec::new(),
+            fields: HashMap::new(),
+            db_filled: HashMap::new(),
+            unknown: p.unknown_fields,
+            queue_time_field: None,
+            queue_time_column: None,
+            max_body: p.max_body_bytes,
+            envelope: true,
+            scratch: Scratch::default(),
+        }
     }
 
     /// Column names in COPY order.
@@ -206,6 +226,21 @@ impl Decoder {
                 format!("invalid UTF-8 at byte {}", e.valid_up_to()),
             )
         })?;
+        if self.envelope {
+            return match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text) {
+                Ok(_) => Ok(Decoded {
+                    queue_time_us: header_qt.unwrap_or(received_us),
+                }),
+                Err(e) => {
+                    let kind = if e.classify() == serde_json::error::Category::Data {
+                        RejectKind::NotObject
+                    } else {
+                        RejectKind::MalformedJson
+                    };
+                    Err(Reject::new(kind, None, e.to_string()))
+                }
+            };
+        }
         scratch.slots.clear();
         scratch.slots.resize(self.columns.len(), None);
         let mut payload_qt: Option<(usize, usize)> = None;
@@ -369,6 +404,8 @@ mod tests {
             journal: false,
             journal_keep: Duration::from_secs(86_400),
             dedup_keep: Duration::from_secs(86_400),
+            routes: Vec::new(),
+            post_steps: Vec::new(),
         }
     }
 

@@ -32,10 +32,14 @@ pub enum RejectKind {
     DuplicateKey,
     /// The database refused the row for another data reason (SQLSTATE classes 22 and 23).
     DbRefused,
+    /// A routed pipeline: no route's `when` rule takes the message.
+    NoRoute,
+    /// A route's identity lookup found no row for the message's natural key.
+    IdentityNotFound,
 }
 
 impl RejectKind {
-    pub const ALL: [RejectKind; 23] = [
+    pub const ALL: [RejectKind; 25] = [
         RejectKind::Oversize,
         RejectKind::InvalidUtf8,
         RejectKind::MalformedJson,
@@ -59,6 +63,8 @@ impl RejectKind {
         RejectKind::InvalidQueueTime,
         RejectKind::DuplicateKey,
         RejectKind::DbRefused,
+        RejectKind::NoRoute,
+        RejectKind::IdentityNotFound,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -86,6 +92,8 @@ impl RejectKind {
             RejectKind::InvalidQueueTime => "invalid_queue_time",
             RejectKind::DuplicateKey => "duplicate_key",
             RejectKind::DbRefused => "db_refused",
+            RejectKind::NoRoute => "no_route",
+            RejectKind::IdentityNotFound => "identity_not_found",
         }
     }
 }
@@ -107,7 +115,7 @@ pub struct Reject {
 }
 
 impl Reject {
-    pub(super) fn new(kind: RejectKind, column: Option<&str>, message: impl Into<String>) -> Self {
+    pub fn new(kind: RejectKind, column: Option<&str>, message: impl Into<String>) -> Self {
         Reject {
             kind,
             column: column.map(str::to_string),

@@ -15,6 +15,7 @@
 pub mod catalog;
 pub mod errors;
 pub mod keys;
+pub mod routed;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +45,8 @@ pub enum SinkError {
     Db(#[from] crate::db::DbError),
     #[error("the pipeline's settings do not fit the target table: {0}")]
     Decode(#[from] crate::decode::DecodeError),
+    #[error("the pipeline's routes do not fit their tables: {0} (fix the [[pipeline.route]] section or the table)")]
+    Route(String),
 }
 
 impl SinkError {
@@ -54,6 +57,7 @@ impl SinkError {
             SinkError::Query { source, .. } => is_retryable(source),
             SinkError::Db(_) => true,
             SinkError::Decode(_) => false,
+            SinkError::Route(_) => false,
         }
     }
 }
@@ -93,6 +97,8 @@ pub struct Target {
     pub robust_delete: String,
     /// `durability = "broker"`: record loaded message_ids and skip redelivered ones.
     pub dedup: Option<Dedup>,
+    /// A routed pipeline's tables (`routed`): then the batch is written by its routes, not COPY.
+    pub routes: Option<routed::Routes>,
 }
 
 /// SQL of the message_id bookkeeping (`loaded_ids`).
@@ -140,6 +146,7 @@ impl Target {
                 "SELECT EXISTS (SELECT 1 FROM {s}.robust_log WHERE job_name = $1 AND first_seq = $2)"
             ),
             dedup: None,
+            routes: None,
         }
     }
 
@@ -193,8 +200,19 @@ pub async fn prepare(
     p: &crate::config::PipelineConfig,
     job: &str,
 ) -> Result<(crate::decode::Decoder, Target), SinkError> {
-    let columns = catalog::read_columns(conn, p.target_schema.as_deref(), &p.target_table).await?;
-    let decoder = crate::decode::Decoder::new(&columns, p)?;
+    prepare_for(conn, schema, p, job, None).await
+}
+
+/// [`prepare`] for `conveyor run-steps`: only the steps `rerun` names are written, and counted
+/// for the job it names (the re-run itself loads under a job name of its own).
+pub async fn prepare_for(
+    conn: &mut PgConnection,
+    schema: &str,
+    p: &crate::config::PipelineConfig,
+    job: &str,
+    rerun: Option<(&str, &[i32])>,
+) -> Result<(crate::decode::Decoder, Target), SinkError> {
+    let decoder = decoder_for(conn, p).await?;
     let cols: Vec<&str> = decoder.copy_columns().collect();
     let mut target = Target::new(
         &p.name,
@@ -205,7 +223,23 @@ pub async fn prepare(
         &cols,
     );
     target.setup(conn, p.mode).await?;
+    if !p.routes.is_empty() {
+        target.routes = Some(routed::Routes::prepare(conn, schema, p, job, rerun).await?);
+    }
     Ok((decoder, target))
+}
+
+/// The pipeline's decoder: the target's columns read now, or for a routed pipeline the
+/// envelope check only (each route maps its rows).
+pub async fn decoder_for(
+    conn: &mut PgConnection,
+    p: &crate::config::PipelineConfig,
+) -> Result<crate::decode::Decoder, SinkError> {
+    if !p.routes.is_empty() {
+        return Ok(crate::decode::Decoder::envelope(p));
+    }
+    let columns = catalog::read_columns(conn, p.target_schema.as_deref(), &p.target_table).await?;
+    Ok(crate::decode::Decoder::new(&columns, p)?)
 }
 
 /// What a session reports back to the worker for each batch it took.
@@ -355,6 +389,7 @@ pub async fn commit_batch(
     let mut db_bad: Vec<(usize, Reject)> = Vec::new();
     let mut bisect = false;
     let mut duplicates = 0u64;
+    let mut route_state = routed::State::default();
     if !target.keys.is_empty() {
         keys::in_batch(batch, &target.keys, &mut excluded, &mut db_bad);
     }
@@ -432,7 +467,31 @@ pub async fn commit_batch(
             }
         }
         let rows = sending_order(order.as_deref(), &excluded);
-        if bisect {
+        if let Some(routes) = &target.routes {
+            let written = routes
+                .write(
+                    &mut tx,
+                    batch,
+                    &mut excluded,
+                    &mut db_bad,
+                    &mut route_state,
+                    bisect,
+                )
+                .await;
+            match written {
+                Ok(()) => {}
+                Err(routed::Fail::Retry) => {
+                    tx.rollback().await.map_err(q("ROLLBACK"))?;
+                    continue;
+                }
+                Err(routed::Fail::Isolate) => {
+                    tx.rollback().await.map_err(q("ROLLBACK"))?;
+                    bisect = true;
+                    continue;
+                }
+                Err(routed::Fail::Sql(what, e)) => return Err(q(what)(e)),
+            }
+        } else if bisect {
             let all = rows.unwrap_or_else(|| (0..batch.good.len()).collect());
             bisect_rows(&mut tx, target, batch, all, &mut excluded, &mut db_bad).await?;
         } else if excluded.iter().any(|e| !e) {
@@ -647,7 +706,7 @@ fn db_error(e: &sqlx::Error) -> Option<&PgDatabaseError> {
 
 /// Errors caused by a row's content: data exceptions (22), integrity violations (23) and
 /// program limits such as an index row too large (54000).
-fn is_row_error(e: &sqlx::Error) -> bool {
+pub(crate) fn is_row_error(e: &sqlx::Error) -> bool {
     db_error(e).is_some_and(|d| {
         let c = d.code();
         c.starts_with("22") || c.starts_with("23") || c == "54000"
@@ -666,7 +725,7 @@ fn copy_line(e: &sqlx::Error) -> Option<usize> {
     digits.parse().ok()
 }
 
-fn reject_from_db(e: &sqlx::Error) -> Reject {
+pub(crate) fn reject_from_db(e: &sqlx::Error) -> Reject {
     let Some(d) = db_error(e) else {
         return Reject {
             kind: RejectKind::DbRefused,

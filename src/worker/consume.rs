@@ -400,7 +400,7 @@ impl Job {
         if self.active {
             crate::metrics::active_worker(&p.name, ctx.slot, false);
         }
-        self.end(&p.name, reason, failure, spool_kept).await;
+        self.end(p, reason, failure, spool_kept).await;
         ctx.state.job_closed();
         Ok(spool_kept)
     }
@@ -472,7 +472,14 @@ impl Job {
     /// Whether a control message ends this job now.
     fn control_applies(&self, body: &[u8], p: &PipelineConfig) -> bool {
         match serde_json::from_slice::<source::Control>(body) {
-            Ok(c) => self.active && c.pipeline == p.name && (c.job == "*" || c.job == self.name),
+            // The queue too: deployments sharing a broker may run pipelines and jobs of the same
+            // name (job names are only unique within one database schema).
+            Ok(c) => {
+                self.active
+                    && c.pipeline == p.name
+                    && (c.queue.is_empty() || c.queue == p.queue)
+                    && (c.job == "*" || c.job == self.name)
+            }
             Err(e) => {
                 warn!(pipeline = %p.name, error = %e, "ignoring an unreadable control message");
                 false

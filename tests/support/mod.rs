@@ -49,6 +49,8 @@ pub struct Settings {
     pub http_listen: String,
     /// Sections written before `[[pipeline]]` (e.g. `[consolidate]\nafter_job = false`).
     pub top: String,
+    /// Write `target = "<schema>.person"` (off for a routed pipeline, whose routes name tables).
+    pub target: bool,
 }
 
 impl Default for Settings {
@@ -66,6 +68,7 @@ impl Default for Settings {
             pipeline: "person".into(),
             http_listen: String::new(),
             top: String::new(),
+            target: true,
         }
     }
 }
@@ -139,8 +142,7 @@ dir = {journal:?}
 [[pipeline]]
 name = "{pipeline}"
 queue = "{queue}"
-target = "{schema}.person"
-prefetch = {prefetch}
+{target}prefetch = {prefetch}
 pack = {pack}
 latency_ms = {latency}
 sessions = {sessions}
@@ -168,6 +170,11 @@ queue_time_column = "queue_time"
             pipeline = s.pipeline,
             http_listen = s.http_listen,
             top = s.top,
+            target = if s.target {
+                format!("target = \"{}.person\"\n", self.schema)
+            } else {
+                String::new()
+            },
         );
         let path = self.config_path();
         std::fs::write(&path, text).expect("write config");
