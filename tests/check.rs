@@ -176,3 +176,29 @@ async fn invalid_config_lists_every_problem() {
     assert!(out.contains("sessions = 0"), "{out}");
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routed_pipeline_is_checked_route_by_route() {
+    let env = Env::new("check_routes").await;
+    let s = env.schema.clone();
+    let path = env.write_config(&Settings {
+        target: false,
+        extra: format!(
+            "[[pipeline.route]]\ntable = \"{s}.person\"\nwhen = \"type = person\"\n[[pipeline.route]]\ntable = \"{s}.missing\"\nwhen = \"type = other\"\n[[pipeline.route]]\ntable = \"{s}.person\"\nwhen = \"type = p2\"\nmode = \"upsert\"\nkey = [\"nope\"]\n[[pipeline.post_step]]\nsql = \"SELECT $1\"\n"
+        ),
+        ..Settings::default()
+    });
+    let (code, out, err) = check(&path, &[]).await;
+    assert_eq!(code, Some(1), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("step 1:"), "the plan lists the steps: {out}");
+    assert!(out.contains("after each job"), "{out}");
+    assert!(
+        out.contains(&format!("step 2: table \"{s}\".\"missing\" does not exist")),
+        "{out}"
+    );
+    assert!(
+        out.contains("step 3") && out.contains("no column \"nope\""),
+        "{out}"
+    );
+    env.cleanup().await;
+}

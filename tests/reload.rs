@@ -83,16 +83,21 @@ async fn sighup_applies_pack_at_the_next_job_and_refuses_a_broken_config() {
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn systemd_gets_ready_watchdog_and_stopping() {
-    let env = Env::new("sdnotify").await;
-    let config = env.write_config(&Settings::default());
+/// `conveyor run` as systemd starts a `Type=notify` service with `WatchdogSec=0.8`: a notify
+/// socket bound here (read timeout `timeout`), `WATCHDOG_USEC`, and `WATCHDOG_PID` = the
+/// service's pid (`exec` keeps the shell's pid, $$). Its log goes to `<dir>/<log>`.
+fn spawn_notified(
+    env: &Env,
+    config: &std::path::Path,
+    timeout: Duration,
+    vars: &[(&str, &str)],
+    log: &str,
+) -> (UnixDatagram, support::Daemon) {
     let sock_path = env.dir.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).expect("bind the notify socket");
-    sock.set_read_timeout(Some(Duration::from_millis(200)))
-        .expect("timeout");
-    // systemd sets WATCHDOG_PID to the service's pid: `exec` keeps the shell's pid ($$).
-    let mut child = Command::new("sh")
+    sock.set_read_timeout(Some(timeout)).expect("timeout");
+    let log = env.dir.join(log);
+    let child = Command::new("sh")
         .arg("-c")
         .arg(format!(
             "WATCHDOG_PID=$$ exec {} --config {} run",
@@ -102,13 +107,28 @@ async fn systemd_gets_ready_watchdog_and_stopping() {
         .current_dir(&env.dir)
         .env("NOTIFY_SOCKET", &sock_path)
         .env("WATCHDOG_USEC", "400000")
+        .envs(vars.iter().copied())
         .env_remove("RUST_LOG")
         .env_remove("CONVEYOR_AMQP_URL")
         .env_remove("CONVEYOR_DATABASE_URL")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
         .spawn()
         .expect("spawn");
+    (sock, support::Daemon { child, log })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_gets_ready_watchdog_and_stopping() {
+    let env = Env::new("sdnotify").await;
+    let config = env.write_config(&Settings::default());
+    let (sock, mut daemon) = spawn_notified(
+        &env,
+        &config,
+        Duration::from_millis(200),
+        &[],
+        "sdnotify.log",
+    );
     let mut seen: Vec<String> = Vec::new();
     let start = Instant::now();
     let mut buf = [0u8; 4096];
@@ -130,7 +150,7 @@ async fn systemd_gets_ready_watchdog_and_stopping() {
         "heartbeats at half of WATCHDOG_USEC: {seen:?}"
     );
     assert!(Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &daemon.child.id().to_string()])
         .status()
         .expect("kill")
         .success());
@@ -143,7 +163,7 @@ async fn systemd_gets_ready_watchdog_and_stopping() {
         }
     }
     assert!(seen.iter().any(|m| m.contains("STOPPING=1")), "{seen:?}");
-    let status = child.wait().expect("wait");
+    let status = daemon.child.wait().expect("wait");
     assert!(status.success(), "clean exit: {status}");
     env.cleanup().await;
 }
@@ -160,34 +180,14 @@ async fn a_wedged_worker_starves_the_systemd_watchdog() {
         http_listen: format!("127.0.0.1:{port}"),
         ..Settings::default()
     });
-    let sock_path = env.dir.join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).expect("bind the notify socket");
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
-        .expect("timeout");
-    let log = env.dir.join("wedge.log");
-    let child = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "WATCHDOG_PID=$$ exec {} --config {} run",
-            env!("CARGO_BIN_EXE_conveyor"),
-            config.display()
-        ))
-        .current_dir(&env.dir)
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "400000")
-        .env("CONVEYOR_WEDGE_AT", "before_ack:1")
-        .env_remove("RUST_LOG")
-        .env_remove("CONVEYOR_AMQP_URL")
-        .env_remove("CONVEYOR_DATABASE_URL")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("spawn");
-    // Killed on drop, also when an assertion fails.
-    let mut daemon = support::Daemon {
-        child,
-        log: log.clone(),
-    };
+    let (sock, mut daemon) = spawn_notified(
+        &env,
+        &config,
+        Duration::from_millis(100),
+        &[("CONVEYOR_WEDGE_AT", "before_ack:1")],
+        "wedge.log",
+    );
+    let log = daemon.log.clone();
     let mut buf = [0u8; 4096];
     let mut recv_for = |d: Duration| {
         let mut got = Vec::new();

@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use conveyor::config::{QueueDeclare, SecretUrl};
@@ -46,22 +45,7 @@ fn config(env: &Env, process: usize, queues: &[String]) -> String {
 fn spawn(env: &Env, process: usize, queues: &[String], vars: &[(&str, &str)]) -> Daemon {
     let path = env.dir.join(format!("conveyor-{process}.toml"));
     std::fs::write(&path, config(env, process, queues)).expect("write config");
-    let log = env.dir.join(format!("process-{process}.log"));
-    let child = Command::new(env!("CARGO_BIN_EXE_conveyor"))
-        .arg("--config")
-        .arg(&path)
-        .arg("run")
-        .current_dir(&env.dir)
-        .env_remove("RUST_LOG")
-        .env_remove("CONVEYOR_AMQP_URL")
-        .env_remove("CONVEYOR_DATABASE_URL")
-        .env_remove("CONVEYOR_CRASH_AT")
-        .envs(vars.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("create log"))
-        .spawn()
-        .expect("spawn conveyor run");
-    Daemon { child, log }
+    env.spawn_config(&path, vars)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

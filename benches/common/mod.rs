@@ -161,7 +161,13 @@ pub fn record(name: &str, value: serde_json::Value) {
 /// bench's feed does not compete for its runtime.
 pub fn spawn_daemon(w: &World, extra: &str) -> (std::process::Child, std::path::PathBuf) {
     let path = std::env::temp_dir().join(format!("{}.toml", w.schema));
-    std::fs::write(&path, config_text(w, extra)).expect("write config");
+    spawn_text(&path, &config_text(w, extra))
+}
+
+/// Writes `text` to `path` and starts `conveyor run` with it.
+pub fn spawn_text(path: &std::path::Path, text: &str) -> (std::process::Child, std::path::PathBuf) {
+    std::fs::write(path, text).expect("write config");
+    let path = path.to_path_buf();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
         .arg("--config")
         .arg(&path)

@@ -78,6 +78,9 @@ struct Plan {
     /// Columns conveyor writes (the COPY columns); the others the database fills.
     columns_mapped: Option<usize>,
     unique_keys: Vec<String>,
+    /// A routed pipeline's steps: each route (table, rule, mode) and post-job step.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    steps: Vec<String>,
     /// conveyor's own schema (jobs, error tables): ready, or created by `conveyor run`.
     conveyor_schema: String,
 }
@@ -224,6 +227,7 @@ async fn check_pipeline(config: &Config, p: &PipelineConfig) -> PipelineReport {
             columns: None,
             columns_mapped: None,
             unique_keys: Vec::new(),
+            steps: Vec::new(),
             conveyor_schema: "not checked".into(),
         },
         problems: Vec::new(),
@@ -577,6 +581,10 @@ async fn table_checks(
         .await
         .unwrap_or_else(|_| "the database user".into());
     schema_checks(db, config, &user, r).await;
+    if !p.routes.is_empty() {
+        route_checks(db, p, &user, r).await;
+        return;
+    }
     let columns = match crate::sink::catalog::read_columns(
         db,
         p.target_schema.as_deref(),
@@ -659,6 +667,84 @@ async fn table_checks(
             "cannot read the unique keys of {}: {e}",
             r.plan.target
         )),
+    }
+}
+
+/// A routed pipeline: every route's table exists, fits the route (keys, identity, job column)
+/// and may be written; the identity tables exist; the post steps are listed.
+async fn route_checks(
+    db: &mut sqlx::PgConnection,
+    p: &PipelineConfig,
+    user: &str,
+    r: &mut PipelineReport,
+) {
+    for route in &p.routes {
+        let table = route.table_display();
+        let rule = match (&route.when, &route.part) {
+            (Some((f, v)), Some(part)) => format!("{f} = {v}, part {part}"),
+            (Some((f, v)), None) => format!("{f} = {v}"),
+            (None, Some(part)) => format!("part {part}"),
+            (None, None) => "every message".into(),
+        };
+        r.plan.steps.push(format!(
+            "step {}: {table} ({rule}; {:?}{}{})",
+            route.step,
+            route.mode,
+            route
+                .identity
+                .as_ref()
+                .map(|i| format!("; {} from {}.{} by {}", i.column, i.table, i.value, i.by))
+                .unwrap_or_default(),
+            if route.journal.is_empty() {
+                String::new()
+            } else {
+                format!("; journal for {}", route.journal.join(", "))
+            }
+        ));
+        if let Some(id) = &route.identity {
+            let (schema, t) =
+                crate::config::split_table(&id.table).unwrap_or((None, id.table.clone()));
+            if let Err(e) = crate::sink::catalog::read_columns(db, schema.as_deref(), &t).await {
+                r.problems.push(format!(
+                    "step {}: identity table {}: {e}",
+                    route.step, id.table
+                ));
+            }
+        }
+        let mut one = p.clone();
+        one.routes = vec![route.clone()];
+        match crate::sink::routed::Routes::check(db, &one).await {
+            Ok(()) => {}
+            Err(crate::sink::SinkError::NoTable { table }) => r.problems.push(format!(
+                "step {}: table {table} does not exist: create it, or fix the route's table",
+                route.step
+            )),
+            Err(e) => r.problems.push(format!("step {}: {e}", route.step)),
+        }
+        let privileges = if route.mode == crate::config::RouteMode::Upsert {
+            "INSERT, UPDATE"
+        } else {
+            "INSERT"
+        };
+        match sqlx::query_scalar::<_, bool>("SELECT has_table_privilege($1, $2)")
+            .bind(&table)
+            .bind(privileges)
+            .fetch_one(&mut *db)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => r.problems.push(format!(
+                "step {}: {user} may not {privileges} {table}: GRANT {privileges} ON {table} TO {user}",
+                route.step
+            )),
+            Err(_) => {}
+        }
+    }
+    for x in &p.post_steps {
+        r.plan.steps.push(format!(
+            "step {}: after each job: {} ({})",
+            x.step, x.name, x.sql
+        ));
     }
 }
 
@@ -816,6 +902,9 @@ fn print_text(report: &Report) {
                 p.unique_keys.join("; ")
             }
         );
+        for step in &p.steps {
+            println!("  {step}");
+        }
         println!("  error tables  in schema {}", p.conveyor_schema);
     }
     for d in &report.disk {

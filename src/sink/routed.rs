@@ -214,17 +214,13 @@ pub enum Fail {
 }
 
 impl Routes {
-    /// Reads every route's table, checks it against the route, and creates the job's `steps`
-    /// rows (counters at 0, status 0). `rerun`: `conveyor run-steps` writes only these steps,
-    /// counted for that job (the job it re-runs, not `job`).
-    pub async fn prepare(
-        conn: &mut PgConnection,
-        schema: &str,
-        p: &PipelineConfig,
-        job: &str,
-        rerun: Option<(&str, &[i32])>,
-    ) -> Result<Routes, SinkError> {
-        let steps_job = rerun.map_or(job, |(j, _)| j);
+    /// Reads every route's table and checks it against its route, writing nothing
+    /// (`conveyor check`).
+    pub async fn check(conn: &mut PgConnection, p: &PipelineConfig) -> Result<(), SinkError> {
+        Self::read(conn, p).await.map(|_| ())
+    }
+
+    async fn read(conn: &mut PgConnection, p: &PipelineConfig) -> Result<Vec<Route>, SinkError> {
         let mut routes = Vec::new();
         for r in &p.routes {
             let columns: Vec<String> =
@@ -245,14 +241,30 @@ impl Routes {
                 what: "reading a route's primary key",
                 source,
             })?;
-            let route = Route::new(
-                r.clone(),
-                columns,
-                pk.into_iter().map(|c| c.to_lowercase()).collect(),
-            )
-            .map_err(SinkError::Route)?;
-            routes.push(route);
+            routes.push(
+                Route::new(
+                    r.clone(),
+                    columns,
+                    pk.into_iter().map(|c| c.to_lowercase()).collect(),
+                )
+                .map_err(SinkError::Route)?,
+            );
         }
+        Ok(routes)
+    }
+
+    /// Reads every route's table, checks it against the route, and creates the job's `steps`
+    /// rows (counters at 0, status 0). `rerun`: `conveyor run-steps` writes only these steps,
+    /// counted for that job (the job it re-runs, not `job`).
+    pub async fn prepare(
+        conn: &mut PgConnection,
+        schema: &str,
+        p: &PipelineConfig,
+        job: &str,
+        rerun: Option<(&str, &[i32])>,
+    ) -> Result<Routes, SinkError> {
+        let steps_job = rerun.map_or(job, |(j, _)| j);
+        let routes = Self::read(conn, p).await?;
         let s = q(schema);
         for r in &routes {
             sqlx::query(sqlx::AssertSqlSafe(format!(

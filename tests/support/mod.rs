@@ -189,12 +189,17 @@ queue_time_column = "queue_time"
     /// [`Env::spawn`] with extra environment variables (e.g. `CONVEYOR_CRASH_AT`).
     pub fn spawn_env(&self, s: &Settings, vars: &[(&str, &str)]) -> Daemon {
         let config = self.write_config(s);
+        self.spawn_config(&config, vars)
+    }
+
+    /// Starts `conveyor run` with the config file `config` (written by the test itself).
+    pub fn spawn_config(&self, config: &std::path::Path, vars: &[(&str, &str)]) -> Daemon {
         let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
         let log = self.dir.join(format!("daemon-{n}.log"));
         let file = std::fs::File::create(&log).expect("create daemon log");
         let child = Command::new(env!("CARGO_BIN_EXE_conveyor"))
             .args(["--config"])
-            .arg(&config)
+            .arg(config)
             .arg("run")
             .current_dir(&self.dir)
             .env_remove("RUST_LOG")
