@@ -45,6 +45,11 @@ const INDEPENDENT_ALERTS: &[(&str, &[&str])] = &[
     ("ConveyorSpoolFailing", &["conveyor_spool_failing == 1"]),
     ("ConveyorTargetDown", &["up{job=\"conveyor\"} == 0"]),
     ("ConveyorNoActiveWorker", &["conveyor_active_worker"]),
+    ("ConveyorWorkerWedged", &["conveyor_workers_wedged > 0"]),
+    (
+        "ConveyorWorkerRestarting",
+        &["increase(conveyor_worker_restarts_total[15m])"],
+    ),
 ];
 
 /// Metrics the dashboard must show (histograms by their buckets).
