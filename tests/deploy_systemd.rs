@@ -221,13 +221,16 @@ fn install_script_parses_and_dry_runs() {
     );
 
     if on_path("shellcheck") {
+        // The .deb's maintainer script and CI's own entry point too.
         let out = Command::new("shellcheck")
             .arg(&script)
+            .arg(root().join("deploy/debian/postinst"))
+            .arg(root().join(".ci/run"))
             .output()
             .expect("run shellcheck");
         assert!(
             out.status.success(),
-            "shellcheck deploy/install.sh:\n{}",
+            "shellcheck deploy/install.sh deploy/debian/postinst .ci/run:\n{}",
             String::from_utf8_lossy(&out.stdout)
         );
     } else {
