@@ -31,13 +31,15 @@ fn query(what: &'static str) -> impl FnOnce(sqlx::Error) -> StepsError {
 }
 
 /// At the end of job `job` of pipeline `p` (on its control connection): the load steps take
-/// the job's status, and a successful job's post steps become pending.
+/// the job's status, and the post steps of a successful job that read messages become pending
+/// (a standby that never took the queue has nothing to finish).
 pub async fn job_ended(
     c: &mut PgConnection,
     schema: &str,
     p: &PipelineConfig,
     job: &str,
     success: bool,
+    read_any: bool,
 ) -> Result<(), sqlx::Error> {
     if p.routes.is_empty() && p.post_steps.is_empty() {
         return Ok(());
@@ -51,7 +53,7 @@ pub async fn job_ended(
     .bind(if success { 1i16 } else { 3 })
     .execute(&mut *c)
     .await?;
-    if success {
+    if success && read_any {
         for step in &p.post_steps {
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO {s}.steps (job_name, step, pipeline, kind, name) VALUES ($1, $2, $3, 'post', $4)

@@ -610,7 +610,15 @@ impl Job {
                     jobs.status_update(c, &name, "ended", &counts).await?;
                     crate::stats::save(c, &schema, &name, pipeline, &latency).await?;
                     jobs.status_end(c, std::slice::from_ref(&name)).await?;
-                    crate::steps::job_ended(c, &schema, p, &name, status == STATUS_SUCCESS).await?;
+                    crate::steps::job_ended(
+                        c,
+                        &schema,
+                        p,
+                        &name,
+                        status == STATUS_SUCCESS,
+                        counts.read > 0,
+                    )
+                    .await?;
                     let errors = sink::errors::drop_empty(c, &et, &uv).await?;
                     if !spool_kept {
                         // With the spool kept, its recovery needs the marks to skip what committed.

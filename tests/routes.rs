@@ -156,6 +156,10 @@ async fn mixed_messages_load_three_tables_with_counts_per_step_and_upserts_count
         event(4, "c@x"),
         event(5, "nobody@x"),
         br#"{"type":"order","id":9}"#.to_vec(),
+        // Refused by the database, so the batch is written again message by message: a
+        // duplicate event id (to uv_) and an id that is not a number.
+        event(1, "b@x"),
+        br#"{"type":"event","id":"x7","email":"a@x","kind":"signup"}"#.to_vec(),
     ])
     .await;
     let job = active_job(&env).await;
@@ -164,7 +168,7 @@ async fn mixed_messages_load_three_tables_with_counts_per_step_and_upserts_count
         Duration::from_secs(30),
         || async {
             count(&env, "SELECT count(*) FROM {schema}.event").await == 4
-                && env.error_codes().await.len() == 2
+                && env.error_codes().await.len() == 4
         },
     )
     .await;
@@ -174,13 +178,18 @@ async fn mixed_messages_load_three_tables_with_counts_per_step_and_upserts_count
         vec![
             (1, (3, 0, 0, 0, 1)),
             (2, (6, 0, 0, 0, 1)),
-            (3, (4, 0, 0, 1, 1)),
+            (3, (4, 0, 0, 3, 1)),
         ],
         "per step: inserted, updated, ignored, errors, status"
     );
     assert_eq!(
         env.error_codes().await,
-        vec![("identity_not_found".into(), 1), ("no_route".into(), 1)]
+        vec![
+            ("db_refused".into(), 1),
+            ("duplicate_key".into(), 1),
+            ("identity_not_found".into(), 1),
+            ("no_route".into(), 1)
+        ]
     );
     // Attributes and events point at the right customers (identity by email).
     assert_eq!(

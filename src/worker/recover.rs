@@ -119,7 +119,7 @@ pub(super) async fn recover(
         .await
         .map_err(query("closing the recovered job"))?;
     // A recovered job ends with status 1: its steps too, and its post steps become due.
-    crate::steps::job_ended(&mut control, &config.schema, p, &job, true)
+    crate::steps::job_ended(&mut control, &config.schema, p, &job, true, true)
         .await
         .map_err(query("closing the recovered job's steps"))?;
     let errors = sink::errors::drop_empty(&mut control, &target.et_table, &target.uv_table)

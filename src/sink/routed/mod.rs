@@ -238,6 +238,7 @@ impl Routes {
                     }
                     Some((ri, reject)) => {
                         exec(conn, "ROLLBACK TO SAVEPOINT conveyor_msg").await?;
+                        exec(conn, "RELEASE SAVEPOINT conveyor_msg").await?;
                         excluded[*i] = true;
                         db_bad.push((*i, reject));
                         state.failed_at.insert(*i, ri);
