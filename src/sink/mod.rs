@@ -13,22 +13,22 @@
 //! outcome safe.
 
 pub mod catalog;
+mod copy;
 pub mod errors;
 pub mod keys;
 pub mod routed;
+mod session;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnection, PgDatabaseError};
 use sqlx::Connection;
-use tokio::sync::{mpsc, Mutex};
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::SecretUrl;
+use copy::{bisect_rows, copy_line, copy_rows, sending_order};
+pub use session::{run_session, BatchQueue, SessionParams, SessionPipes};
+
 use crate::decode::{Reject, RejectKind};
 use crate::pack::Batch;
 
@@ -278,104 +278,6 @@ impl Committed {
     }
 }
 
-/// Shared receiving end of the batch queue: whichever session is free takes the next batch.
-pub type BatchQueue = Arc<Mutex<mpsc::Receiver<Batch>>>;
-
-/// The channels a session works between: batches in, outcomes out, and the permits that cap
-/// how many sessions write at once.
-#[derive(Debug, Clone)]
-pub struct SessionPipes {
-    pub batches: BatchQueue,
-    pub permits: Arc<tokio::sync::Semaphore>,
-    pub outcomes: mpsc::Sender<Outcome>,
-}
-
-/// Everything a session needs to (re)connect.
-#[derive(Debug, Clone)]
-pub struct SessionParams {
-    pub pipeline: String,
-    pub url: SecretUrl,
-    pub connect_timeout: Duration,
-}
-
-/// Runs one session until the queue closes or `cancel` fires while a batch cannot be committed.
-/// `conn` is the connection opened during job initialisation.
-pub async fn run_session(
-    index: usize,
-    mut conn: Option<PgConnection>,
-    params: SessionParams,
-    target: Arc<Target>,
-    pipes: SessionPipes,
-    cancel: CancellationToken,
-) {
-    let SessionPipes {
-        batches: queue,
-        permits,
-        outcomes,
-    } = pipes;
-    loop {
-        // A permit per batch being written: `sessions` of them normally, more after a priority
-        // EOJ raised the job's sessions; sessions beyond that idle on their open connection.
-        let Ok(_permit) = permits.acquire().await else {
-            break;
-        };
-        let batch = { queue.lock().await.recv().await };
-        let Some(mut batch) = batch else { break };
-        let mut attempt: u32 = 0;
-        let outcome = loop {
-            if conn.is_none() {
-                match crate::db::connect(&params.url, params.connect_timeout).await {
-                    Ok(c) => {
-                        if attempt > 0 {
-                            info!(pipeline = %params.pipeline, session = index, "database connection restored");
-                        }
-                        conn = Some(c);
-                    }
-                    Err(e) => {
-                        crate::metrics::reconnect(&params.pipeline, "postgres");
-                        warn!(pipeline = %params.pipeline, session = index, attempt, error = %e, "database unavailable, batch held unacked; retrying");
-                    }
-                }
-            }
-            if let Some(c) = conn.as_mut() {
-                let started = Instant::now();
-                match commit_batch(c, &target, &mut batch, attempt > 0).await {
-                    Ok(mut done) => {
-                        done.commit_seconds = started.elapsed().as_secs_f64();
-                        break Outcome::Committed(done);
-                    }
-                    Err(e) => {
-                        crate::metrics::reconnect(&params.pipeline, "postgres");
-                        let level_error = !e.is_retryable();
-                        if level_error {
-                            tracing::error!(pipeline = %params.pipeline, session = index, attempt, error = %e, "batch cannot be written; it stays unacked and is retried (fix the cause, nothing is lost)");
-                        } else {
-                            warn!(pipeline = %params.pipeline, session = index, attempt, error = %e, "batch failed, retrying on a new connection; nothing acked");
-                        }
-                        if let Some(c) = conn.take() {
-                            drop(c.close());
-                        }
-                    }
-                }
-            }
-            attempt += 1;
-            tokio::select! {
-                _ = tokio::time::sleep(crate::backoff::delay(attempt)) => {}
-                _ = cancel.cancelled() => {
-                    warn!(pipeline = %params.pipeline, session = index, batch = batch.id, rows = batch.rows(), "shutting down with an uncommitted batch: left unacked for redelivery");
-                    break Outcome::Abandoned { batch_id: batch.id };
-                }
-            }
-        };
-        if outcomes.send(outcome).await.is_err() {
-            break;
-        }
-    }
-    if let Some(c) = conn {
-        let _ = c.close().await;
-    }
-}
-
 /// Commits one batch: good rows, error rows and robust mark in one transaction. Rows the
 /// database refuses move from `batch.good` to the error rows; the rest load.
 pub async fn commit_batch(
@@ -608,95 +510,6 @@ fn summary(
     }
 }
 
-/// The rows to send, in order: `None` for the whole batch as packed (nothing excluded, no key
-/// order), else the included rows in key order (or packing order).
-fn sending_order(order: Option<&[usize]>, excluded: &[bool]) -> Option<Vec<usize>> {
-    match order {
-        None if !excluded.iter().any(|e| *e) => None,
-        None => Some((0..excluded.len()).filter(|&i| !excluded[i]).collect()),
-        Some(o) => Some(o.iter().copied().filter(|&i| !excluded[i]).collect()),
-    }
-}
-
-/// COPY the batch's rows: all of them as packed (`None`), or `rows` in that order, gathered
-/// into one buffer so the COPY is still a single stream of large messages.
-async fn copy_rows(
-    conn: &mut PgConnection,
-    target: &Target,
-    batch: &Batch,
-    rows: Option<&[usize]>,
-) -> Result<(), sqlx::Error> {
-    let mut copy = conn.copy_in_raw(&target.copy_sql).await?;
-    let sent = match rows {
-        None => copy.send(batch.copy.as_slice()).await.map(|_| ()),
-        Some(idx) => {
-            let mut buf = Vec::with_capacity(batch.copy.len());
-            for &i in idx {
-                let row = &batch.good[i];
-                buf.extend_from_slice(&batch.copy[row.start..row.end]);
-            }
-            copy.send(buf).await.map(|_| ())
-        }
-    };
-    match sent {
-        Ok(()) => copy.finish().await.map(|_| ()),
-        Err(e) => {
-            let _ = copy.abort("conveyor: send failed").await;
-            Err(e)
-        }
-    }
-}
-
-/// Loads every included row that the database accepts, isolating refused rows by halving the
-/// set under savepoints. Used only when an error does not name its line.
-async fn bisect_rows(
-    conn: &mut PgConnection,
-    target: &Target,
-    batch: &Batch,
-    all: Vec<usize>,
-    excluded: &mut [bool],
-    db_bad: &mut Vec<(usize, Reject)>,
-) -> Result<(), SinkError> {
-    let q = |what: &'static str| move |source| SinkError::Query { what, source };
-    let mut stack = vec![all];
-    let mut trips = 0u32;
-    while let Some(set) = stack.pop() {
-        if set.is_empty() {
-            continue;
-        }
-        trips += 1;
-        sqlx::raw_sql("SAVEPOINT conveyor_bisect")
-            .execute(&mut *conn)
-            .await
-            .map_err(q("SAVEPOINT"))?;
-        match copy_rows(conn, target, batch, Some(&set)).await {
-            Ok(()) => {
-                sqlx::raw_sql("RELEASE SAVEPOINT conveyor_bisect")
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(q("RELEASE SAVEPOINT"))?;
-            }
-            Err(e) if is_row_error(&e) => {
-                sqlx::raw_sql("ROLLBACK TO SAVEPOINT conveyor_bisect")
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(q("ROLLBACK TO SAVEPOINT"))?;
-                if set.len() == 1 {
-                    excluded[set[0]] = true;
-                    db_bad.push((set[0], reject_from_db(&e)));
-                } else {
-                    let (a, b) = set.split_at(set.len() / 2);
-                    stack.push(b.to_vec());
-                    stack.push(a.to_vec());
-                }
-            }
-            Err(e) => return Err(q("COPY while bisecting")(e)),
-        }
-    }
-    warn!(job = %target.job, batch = batch.id, refused = db_bad.len(), round_trips = trips, "bisected a refused batch");
-    Ok(())
-}
-
 fn db_error(e: &sqlx::Error) -> Option<&PgDatabaseError> {
     match e {
         sqlx::Error::Database(d) => d.try_downcast_ref::<PgDatabaseError>(),
@@ -715,14 +528,6 @@ pub(crate) fn is_row_error(e: &sqlx::Error) -> bool {
 
 fn is_duplicate_key(e: &sqlx::Error) -> bool {
     db_error(e).is_some_and(|d| d.code() == "23505")
-}
-
-/// The 1-based COPY input line an error names (`CONTEXT: COPY person, line 17, column …`).
-fn copy_line(e: &sqlx::Error) -> Option<usize> {
-    let w = db_error(e)?.r#where()?;
-    let rest = &w[w.find(", line ")? + 7..];
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
 }
 
 pub(crate) fn reject_from_db(e: &sqlx::Error) -> Reject {
