@@ -25,24 +25,10 @@ use common::{World, AMQP_URL, PG_URL};
 const PREFETCH: u16 = 20_000;
 
 fn main() {
-    let bench = common::is_bench();
-    let n: u64 = if bench {
-        std::env::var("DRAIN_ROWS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(200_000)
-    } else {
-        2_000
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(run(n, bench));
-}
-
-async fn run(n: u64, bench: bool) {
-    common::with_world(|w, mut db| async move { measure(&w, &mut db, n, bench).await }).await;
+    common::run_in_world(
+        common::rows("DRAIN_ROWS", 200_000),
+        |w, mut db, n, bench| async move { measure(&w, &mut db, n, bench).await },
+    );
 }
 
 async fn measure(w: &World, db: &mut PgConnection, n: u64, bench: bool) {

@@ -24,22 +24,10 @@ const SHARDS: usize = 4;
 const PROCESSES: usize = 3;
 
 fn main() {
-    let bench = common::is_bench();
-    let n: u64 = if bench {
-        std::env::var("SCALE_ROWS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(200_000)
-    } else {
-        2_000
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(common::with_world(|w, mut db| async move {
-        measure(&w, &mut db, n, bench).await
-    }));
+    common::run_in_world(
+        common::rows("SCALE_ROWS", 200_000),
+        |w, mut db, n, bench| async move { measure(&w, &mut db, n, bench).await },
+    );
 }
 
 async fn measure(w: &World, db: &mut PgConnection, n: u64, bench: bool) {

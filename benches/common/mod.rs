@@ -22,6 +22,34 @@ pub fn is_bench() -> bool {
     std::env::args().any(|a| a == "--bench")
 }
 
+/// The row count of a bench: under `cargo bench` the environment variable `var` or `full`;
+/// under `cargo test --all-targets` (a smoke pass) 2,000.
+pub fn rows(var: &str, full: u64) -> u64 {
+    if is_bench() {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(full)
+    } else {
+        2_000
+    }
+}
+
+/// Runs `measure(world, db, rows, is_bench)` in a fresh world on a multi-threaded runtime: the
+/// `main` of a bench that measures one world.
+pub fn run_in_world<F, Fut>(rows: u64, measure: F)
+where
+    F: FnOnce(World, PgConnection, u64, bool) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let bench = is_bench();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(with_world(|w, db| measure(w, db, rows, bench)));
+}
+
 /// Creates a world, runs `measure` in it, and drops the world whatever happens.
 pub async fn with_world<F, Fut>(measure: F)
 where
