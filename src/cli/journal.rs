@@ -14,6 +14,7 @@ pub enum Action {
     /// Mark the subscriber's unconsumed rows consumed and print the window to process: its
     /// number and every consumed, unpurged row (a failed earlier run's rows included).
     Lock {
+        /// The subscriber, as named in a route's `journal` list.
         #[arg(long)]
         subscriber: String,
         /// Print the window as one JSON object (window, rows with their keys) for scripts.
@@ -23,6 +24,7 @@ pub enum Action {
     /// Delete the subscriber's window once its downstream run succeeded. Rows locked later,
     /// and unconsumed ones, stay.
     Purge {
+        /// The subscriber, as named in a route's `journal` list.
         #[arg(long)]
         subscriber: String,
         /// The window number `lock` printed.
@@ -32,6 +34,7 @@ pub enum Action {
     /// Backlog per subscriber and table: unconsumed rows, consumed rows waiting for a purge,
     /// the oldest row's time.
     Status {
+        /// One JSON array (subscriber, target, unconsumed, consumed, oldest) for scripts.
         #[arg(long)]
         json: bool,
     },
