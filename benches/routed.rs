@@ -43,16 +43,60 @@ async fn measure(w: &World, db: &mut PgConnection, n: u64, bench: bool) {
     let single = n as f64 / started.elapsed().as_secs_f64();
     common::stop_daemon(child, &config);
 
-    // Routed: customers upserted, events inserted with their customer looked up.
+    // Routed: customers upserted, events inserted with their customer looked up; then the
+    // same with 1 % of the events refused by the database (an id that is not a number).
+    let routed = routed_drain(w, db, n, None).await;
+    let routed_bad = routed_drain(w, db, n, Some(100)).await;
+
+    println!("routed drain of {n} messages (rows/s from the daemon's spawn)");
+    println!("single target (COPY), person rows      {single:>10.0}");
+    println!(
+        "routed: upsert + identity lookup        {routed:>10.0}   ÷ single = {:.2}",
+        routed / single
+    );
+    println!(
+        "routed with 1 % refused by the database {routed_bad:>10.0}   ÷ routed clean = {:.2}",
+        routed_bad / routed
+    );
+    if bench {
+        common::record(
+            "routed",
+            serde_json::json!({
+                "messages": n,
+                "single_target_rows_per_s": single,
+                "routed_rows_per_s": routed,
+                "routed_1pct_refused_rows_per_s": routed_bad,
+                "ratio_routed_to_single": routed / single,
+                "ratio_routed_1pct_refused_to_clean": routed_bad / routed,
+            }),
+        );
+    }
+}
+
+/// Drains `n` routed messages (every `bad_every`-th event refused by the database) into empty
+/// tables; messages/s from the daemon's spawn to the last good row committed.
+async fn routed_drain(w: &World, db: &mut PgConnection, n: u64, bad_every: Option<u64>) -> f64 {
+    let s = &w.schema;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "TRUNCATE {s}.event; TRUNCATE {s}.customer RESTART IDENTITY CASCADE"
+    )))
+    .execute(&mut *db)
+    .await
+    .expect("truncate");
     let customers = (n / 5).max(1);
+    let mut bad = 0;
     let file = std::env::temp_dir().join(format!("{s}-routed.jsonl"));
     {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&file).expect("feed file"));
         for i in 0..n {
+            let email = format!("c{}@example.com", i % customers);
             let line = if i < customers {
-                serde_json::json!({"type": "customer", "email": format!("c{i}@example.com"), "name": format!("Customer {i}"), "tier": i % 3})
+                serde_json::json!({"type": "customer", "email": email, "name": format!("Customer {i}"), "tier": i % 3})
+            } else if bad_every.is_some_and(|k| i % k == 0) {
+                bad += 1;
+                serde_json::json!({"type": "event", "id": format!("x{i}"), "email": email, "kind": "click"})
             } else {
-                serde_json::json!({"type": "event", "id": i, "email": format!("c{}@example.com", i % customers), "kind": "click"})
+                serde_json::json!({"type": "event", "id": i, "email": email, "kind": "click"})
             };
             writeln!(f, "{line}").expect("write feed file");
         }
@@ -98,10 +142,10 @@ identity = {{ column = "customer_id", field = "email", table = "{s}.customer", b
     wait(
         db,
         &format!("SELECT (SELECT count(*) FROM {s}.customer) + (SELECT count(*) FROM {s}.event)"),
-        n,
+        n - bad,
     )
     .await;
-    let routed = n as f64 / started.elapsed().as_secs_f64();
+    let rate = n as f64 / started.elapsed().as_secs_f64();
     common::stop_daemon(child, &config);
     let joined: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM {s}.event e JOIN {s}.customer c ON c.id = e.customer_id"
@@ -111,27 +155,10 @@ identity = {{ column = "customer_id", field = "email", table = "{s}.customer", b
     .expect("events with their customer");
     assert_eq!(
         joined as u64,
-        n - customers,
-        "every event found its customer"
+        n - customers - bad,
+        "every good event found its customer"
     );
-
-    println!("routed drain of {n} messages (rows/s from the daemon's spawn)");
-    println!("single target (COPY), person rows      {single:>10.0}");
-    println!(
-        "routed: upsert + identity lookup        {routed:>10.0}   ÷ single = {:.2}",
-        routed / single
-    );
-    if bench {
-        common::record(
-            "routed",
-            serde_json::json!({
-                "messages": n,
-                "single_target_rows_per_s": single,
-                "routed_rows_per_s": routed,
-                "ratio_routed_to_single": routed / single,
-            }),
-        );
-    }
+    rate
 }
 
 /// Polls `sql` (a count) until it reaches `n`.

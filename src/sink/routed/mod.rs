@@ -174,8 +174,8 @@ impl Routes {
     }
 
     /// Writes the batch's live messages into their routes' tables and adds the steps'
-    /// counters, inside the caller's transaction. `one_by_one`: each message under a savepoint
-    /// (after a refused statement), refused ones isolated.
+    /// counters, inside the caller's transaction. `isolate` (after a refused statement):
+    /// the messages are bisected under savepoints and each refused one isolated.
     pub async fn write(
         &self,
         conn: &mut PgConnection,
@@ -183,7 +183,7 @@ impl Routes {
         excluded: &mut [bool],
         db_bad: &mut Vec<(usize, Reject)>,
         state: &mut State,
-        one_by_one: bool,
+        isolate: bool,
     ) -> Result<(), Fail> {
         let mut plans: Vec<(usize, Vec<Planned>)> = Vec::new();
         for (i, row) in batch.good.iter().enumerate() {
@@ -202,77 +202,69 @@ impl Routes {
             }
         }
         let mut counts = vec![StepCounts::default(); self.routes.len()];
-        if one_by_one {
-            for (i, plan) in &plans {
-                exec(conn, "SAVEPOINT conveyor_msg").await?;
-                let mut mine = vec![StepCounts::default(); self.routes.len()];
-                let mut refused = None;
-                for ri in (0..self.routes.len()).filter(|&ri| self.selected(ri)) {
-                    let rows: Vec<(usize, &Map<String, Value>, Option<&str>)> = plan
-                        .iter()
-                        .filter(|(r, _, _)| *r == ri)
-                        .map(|(_, row, n)| (*i, row, n.as_deref()))
-                        .collect();
-                    match self.write_route(conn, ri, &rows, &mut mine[ri]).await {
-                        Ok(()) => {}
-                        Err(RouteError::Refused(reject)) => {
-                            refused = Some((ri, reject));
-                            break;
-                        }
-                        Err(RouteError::Missing(_)) => {
-                            let id = self.routes[ri].cfg.identity.as_ref();
-                            refused = Some((ri, identity_missing(&self.routes[ri], id)));
-                            break;
-                        }
-                        Err(RouteError::Sql(what, e)) => return Err(Fail::Sql(what, e)),
+        let mut mark = |i: usize, reject: Reject, ri: usize| {
+            if !excluded[i] {
+                excluded[i] = true;
+                db_bad.push((i, reject));
+                state.failed_at.insert(i, ri);
+            }
+        };
+        if !isolate {
+            let all: Vec<usize> = (0..plans.len()).collect();
+            match self.write_set(conn, &plans, &all, &mut counts).await {
+                Ok(()) => {}
+                Err(SetError::Refused(..)) => return Err(Fail::Isolate),
+                Err(SetError::Missing(ri, msgs)) => {
+                    for i in msgs {
+                        mark(i, identity_missing(&self.routes[ri]), ri);
                     }
+                    return Err(Fail::Retry);
                 }
-                match refused {
-                    None => {
-                        exec(conn, "RELEASE SAVEPOINT conveyor_msg").await?;
-                        for (c, m) in counts.iter_mut().zip(&mine) {
-                            c.inserted += m.inserted;
-                            c.updated += m.updated;
-                            c.ignored += m.ignored;
-                        }
-                    }
-                    Some((ri, reject)) => {
-                        exec(conn, "ROLLBACK TO SAVEPOINT conveyor_msg").await?;
-                        exec(conn, "RELEASE SAVEPOINT conveyor_msg").await?;
-                        excluded[*i] = true;
-                        db_bad.push((*i, reject));
-                        state.failed_at.insert(*i, ri);
-                    }
-                }
+                Err(SetError::Sql(what, e)) => return Err(Fail::Sql(what, e)),
             }
         } else {
-            for (ri, count) in counts.iter_mut().enumerate() {
-                if !self.selected(ri) {
+            // The database refused a statement without naming its row: halve the messages
+            // under savepoints until each refused one stands alone (a message is the unit).
+            let mut stack: Vec<Vec<usize>> = vec![(0..plans.len()).collect()];
+            while let Some(set) = stack.pop() {
+                if set.is_empty() {
                     continue;
                 }
-                let rows: Vec<(usize, &Map<String, Value>, Option<&str>)> = plans
-                    .iter()
-                    .flat_map(|(i, plan)| {
-                        plan.iter()
-                            .filter(move |(r, _, _)| *r == ri)
-                            .map(move |(_, row, n)| (*i, row, n.as_deref()))
-                    })
-                    .collect();
-                match self.write_route(conn, ri, &rows, count).await {
-                    Ok(()) => {}
-                    Err(RouteError::Refused(_)) => return Err(Fail::Isolate),
-                    Err(RouteError::Missing(msgs)) => {
-                        let id = self.routes[ri].cfg.identity.as_ref();
-                        for i in msgs {
-                            if !excluded[i] {
-                                excluded[i] = true;
-                                db_bad.push((i, identity_missing(&self.routes[ri], id)));
-                                state.failed_at.insert(i, ri);
-                            }
-                        }
-                        return Err(Fail::Retry);
+                exec(conn, "SAVEPOINT conveyor_set").await?;
+                let mut mine = vec![StepCounts::default(); self.routes.len()];
+                let r = self.write_set(conn, &plans, &set, &mut mine).await;
+                if r.is_ok() {
+                    exec(conn, "RELEASE SAVEPOINT conveyor_set").await?;
+                    for (c, m) in counts.iter_mut().zip(&mine) {
+                        c.inserted += m.inserted;
+                        c.updated += m.updated;
+                        c.ignored += m.ignored;
                     }
-                    Err(RouteError::Sql(what, e)) => return Err(Fail::Sql(what, e)),
+                    continue;
+                }
+                exec(conn, "ROLLBACK TO SAVEPOINT conveyor_set").await?;
+                exec(conn, "RELEASE SAVEPOINT conveyor_set").await?;
+                match r {
+                    Ok(()) => {}
+                    Err(SetError::Refused(reject, ri)) if set.len() == 1 => {
+                        mark(plans[set[0]].0, reject, ri)
+                    }
+                    Err(SetError::Refused(..)) => {
+                        let (a, b) = set.split_at(set.len() / 2);
+                        stack.push(b.to_vec());
+                        stack.push(a.to_vec());
+                    }
+                    Err(SetError::Missing(ri, msgs)) => {
+                        for &i in &msgs {
+                            mark(i, identity_missing(&self.routes[ri]), ri);
+                        }
+                        stack.push(
+                            set.into_iter()
+                                .filter(|&k| !msgs.contains(&plans[k].0))
+                                .collect(),
+                        );
+                    }
+                    Err(SetError::Sql(what, e)) => return Err(Fail::Sql(what, e)),
                 }
             }
         }
@@ -295,6 +287,38 @@ impl Routes {
                 .execute(&mut *conn)
                 .await
                 .map_err(|e| Fail::Sql("counting the steps", e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the messages `set` (indexes into `plans`) into every selected route, in step
+    /// order, adding to `counts`.
+    async fn write_set(
+        &self,
+        conn: &mut PgConnection,
+        plans: &[(usize, Vec<Planned>)],
+        set: &[usize],
+        counts: &mut [StepCounts],
+    ) -> Result<(), SetError> {
+        for (ri, count) in counts.iter_mut().enumerate() {
+            if !self.selected(ri) {
+                continue;
+            }
+            let rows: Vec<(usize, &Map<String, Value>, Option<&str>)> = set
+                .iter()
+                .flat_map(|&k| {
+                    let (i, plan) = &plans[k];
+                    plan.iter()
+                        .filter(move |(r, _, _)| *r == ri)
+                        .map(move |(_, row, n)| (*i, row, n.as_deref()))
+                })
+                .collect();
+            match self.write_route(conn, ri, &rows, count).await {
+                Ok(()) => {}
+                Err(RouteError::Refused(reject)) => return Err(SetError::Refused(reject, ri)),
+                Err(RouteError::Missing(msgs)) => return Err(SetError::Missing(ri, msgs)),
+                Err(RouteError::Sql(what, e)) => return Err(SetError::Sql(what, e)),
+            }
         }
         Ok(())
     }
@@ -399,6 +423,14 @@ impl Routes {
     }
 }
 
+/// Why writing a set of messages stopped, with the route that refused.
+enum SetError {
+    Refused(Reject, usize),
+    /// These messages' natural keys (batch indexes) resolved to nothing in route `.0`.
+    Missing(usize, Vec<usize>),
+    Sql(&'static str, sqlx::Error),
+}
+
 enum RouteError {
     /// The database refused a row (its content).
     Refused(Reject),
@@ -425,8 +457,8 @@ async fn exec(conn: &mut PgConnection, sql: &'static str) -> Result<(), Fail> {
         .map_err(|e| Fail::Sql("savepoint", e))
 }
 
-fn identity_missing(r: &Route, id: Option<&crate::config::Identity>) -> Reject {
-    match id {
+fn identity_missing(r: &Route) -> Reject {
+    match &r.cfg.identity {
         Some(id) => Reject::new(
             RejectKind::IdentityNotFound,
             Some(&id.field),
