@@ -87,6 +87,14 @@ pub struct Decoder {
     scratch: Scratch,
 }
 
+/// Checks one JSON value against a column as the single-target decoder would (type, range,
+/// length, NULL), so a routed row the database would refuse is refused here, with the same
+/// code and no round trip.
+pub fn check_value(col: &Column, value: &serde_json::Value) -> Result<(), Reject> {
+    let mut out = Vec::new();
+    value::encode_value(col, &value.to_string(), &mut out)
+}
+
 /// What decode learned about a row besides its COPY line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decoded {

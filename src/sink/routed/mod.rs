@@ -81,12 +81,9 @@ impl Routes {
     async fn read(conn: &mut PgConnection, p: &PipelineConfig) -> Result<Vec<Route>, SinkError> {
         let mut routes = Vec::new();
         for r in &p.routes {
-            let columns: Vec<String> =
+            let columns =
                 super::catalog::read_columns(conn, r.target_schema.as_deref(), &r.target_table)
-                    .await?
-                    .into_iter()
-                    .map(|c| c.name.to_lowercase())
-                    .collect();
+                    .await?;
             let pk: Vec<String> = sqlx::query_scalar(
                 "SELECT a.attname::text FROM pg_index i
                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)

@@ -125,6 +125,11 @@ impl Routes {
                         Some(ri),
                     ));
                 }
+                for (k, v) in &row {
+                    if let Some(col) = r.defs.get(k) {
+                        crate::decode::check_value(col, v).map_err(|e| (e, Some(ri)))?;
+                    }
+                }
                 if let Some(c) = &r.cfg.job_column {
                     row.insert(c.clone(), Value::String(self.job.clone()));
                 }
@@ -192,7 +197,7 @@ fn text(v: &Value) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::route::testing::{cfg, cols};
+    use super::super::route::testing::{cfg, cols, defs};
     use super::super::Route;
     use super::*;
     use crate::config::Identity;
@@ -200,7 +205,7 @@ mod tests {
     fn routes() -> Routes {
         let customer = Route::new(
             cfg(1, "customer", Some(("type", "customer")), None),
-            cols(&["id", "email", "name"]),
+            defs(&["id", "email", "name"]),
             cols(&["id"]),
         )
         .expect("route");
@@ -215,7 +220,7 @@ mod tests {
         attr.job_column = Some("load_job".into());
         let attr = Route::new(
             attr,
-            cols(&["id", "customer_id", "name", "value", "load_job"]),
+            defs(&["id", "customer_id", "name", "value", "load_job"]),
             cols(&["id"]),
         )
         .expect("route");
@@ -265,6 +270,11 @@ mod tests {
         assert_eq!(e.kind, RejectKind::MissingField);
         let (e, route) = r.plan(br#"{"type":"customer"}"#).expect_err("empty row");
         assert_eq!((e.kind, route), (RejectKind::MissingField, Some(0)));
+        let (e, route) = r
+            .plan(br#"{"type":"customer","id":"x1","email":"a@x"}"#)
+            .expect_err("not an integer");
+        assert_eq!(route, Some(0));
+        assert_eq!(e.column.as_deref(), Some("id"), "{e:?}");
         let (e, _) = r.plan(br#"{"id":1,"ID":2}"#).expect_err("dup");
 
         assert_eq!(e.kind, RejectKind::DuplicateField);

@@ -2,12 +2,13 @@
 //! settings at job start, and the SQL that writes a set of its rows (conflict handling by
 //! mode, inserted vs updated counted by `xmax = 0`, change-journal rows in the same statement).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::{Map, Value};
 
 use crate::config::{RouteConfig, RouteMode};
 use crate::db::quote_ident as q;
+use crate::decode::Column;
 
 /// One route, its table read from the catalogue.
 #[derive(Debug)]
@@ -18,6 +19,8 @@ pub struct Route {
     /// Column names (lower-case) in table order.
     pub(super) columns: Vec<String>,
     pub(super) colset: HashSet<String>,
+    /// Each column's type, for the value checks of `plan`.
+    pub(super) defs: HashMap<String, Column>,
     /// Conflict and change-journal key: the configured key, else the primary key.
     pub(super) key: Vec<String>,
     pub(super) identity_sql: Option<String>,
@@ -25,7 +28,12 @@ pub struct Route {
 
 impl Route {
     /// A route over a table with `columns` (in table order) and primary key `pk`.
-    pub fn new(cfg: RouteConfig, columns: Vec<String>, pk: Vec<String>) -> Result<Route, String> {
+    pub fn new(cfg: RouteConfig, table: Vec<Column>, pk: Vec<String>) -> Result<Route, String> {
+        let columns: Vec<String> = table.iter().map(|c| c.name.to_lowercase()).collect();
+        let defs: HashMap<String, Column> = table
+            .into_iter()
+            .map(|c| (c.name.to_lowercase(), c))
+            .collect();
         let colset: HashSet<String> = columns.iter().cloned().collect();
         let key = if cfg.key.is_empty() {
             pk
@@ -74,6 +82,7 @@ impl Route {
             table,
             columns,
             colset,
+            defs,
             key,
             identity_sql,
         })
@@ -159,6 +168,23 @@ impl Route {
 #[cfg(test)]
 pub(super) mod testing {
     use crate::config::{RouteConfig, RouteMode};
+    use crate::decode::{Column, ColumnKind};
+
+    /// Columns of the given names: `id` and `*_id` integers, the rest text.
+    pub fn defs(c: &[&str]) -> Vec<Column> {
+        c.iter()
+            .map(|n| Column {
+                name: n.to_string(),
+                kind: if *n == "id" || n.ends_with("_id") {
+                    ColumnKind::Int8
+                } else {
+                    ColumnKind::Text { max_chars: None }
+                },
+                not_null: false,
+                db_filled: false,
+            })
+            .collect()
+    }
 
     pub fn cfg(
         step: i32,
@@ -187,7 +213,7 @@ pub(super) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{cfg, cols};
+    use super::testing::{cfg, cols, defs};
     use super::*;
 
     #[test]
@@ -196,7 +222,7 @@ mod tests {
         c.mode = RouteMode::Upsert;
         c.key = cols(&["email"]);
         c.journal = cols(&["crm", "marketing"]);
-        let r = Route::new(c, cols(&["id", "email", "name"]), cols(&["id"])).expect("route");
+        let r = Route::new(c, defs(&["id", "email", "name"]), cols(&["id"])).expect("route");
         let sql = r.statement(&["email", "name"], "conveyor");
         assert!(
             sql.contains(r#"ON CONFLICT ("email") DO UPDATE SET "name" = EXCLUDED."name""#),
@@ -211,7 +237,7 @@ mod tests {
         let mut bad = cfg(1, "customer", None, None);
         bad.mode = RouteMode::Upsert;
         assert!(
-            Route::new(bad, cols(&["id"]), vec![]).is_err(),
+            Route::new(bad, defs(&["id"]), vec![]).is_err(),
             "upsert needs a key"
         );
     }
