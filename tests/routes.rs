@@ -19,7 +19,8 @@ async fn crm_tables(env: &Env) {
         "CREATE TABLE {s}.customer (id serial PRIMARY KEY, email text NOT NULL UNIQUE, name text, tier int);
          CREATE TABLE {s}.attribute (customer_id int NOT NULL REFERENCES {s}.customer (id), name text NOT NULL,
              value text, PRIMARY KEY (customer_id, name));
-         CREATE TABLE {s}.event (id bigint PRIMARY KEY, customer_id int NOT NULL, kind text NOT NULL,
+         CREATE TABLE {s}.event (id bigint PRIMARY KEY, customer_id int NOT NULL,
+             kind text NOT NULL CHECK (kind <> 'forbidden'),
              status int NOT NULL DEFAULT 200, load_job text);
          CREATE VIEW {s}.visible_event AS SELECT * FROM {s}.event WHERE status = 1;"
     )))
@@ -156,11 +157,12 @@ async fn mixed_messages_load_three_tables_with_counts_per_step_and_upserts_count
         event(4, "c@x"),
         event(5, "nobody@x"),
         br#"{"type":"order","id":9}"#.to_vec(),
-        // A duplicate event id: only the database sees it, so the batch's messages are bisected
-        // under savepoints (it goes to uv_). An id that is not a number is refused before any
-        // round trip, by the same value checks as a single-target pipeline's.
+        // A duplicate event id (to uv_) and an id that is not a number are refused before any
+        // round trip, as with a single target; a CHECK only the database sees makes it refuse
+        // the statement, and the batch's messages are bisected until that one stands alone.
         event(1, "b@x"),
         br#"{"type":"event","id":"x7","email":"a@x","kind":"signup"}"#.to_vec(),
+        br#"{"type":"event","id":6,"email":"a@x","kind":"forbidden"}"#.to_vec(),
     ])
     .await;
     let job = active_job(&env).await;
@@ -169,7 +171,7 @@ async fn mixed_messages_load_three_tables_with_counts_per_step_and_upserts_count
         Duration::from_secs(30),
         || async {
             count(&env, "SELECT count(*) FROM {schema}.event").await == 4
-                && env.error_codes().await.len() == 4
+                && env.error_codes().await.len() == 5
         },
     )
     .await;
@@ -179,13 +181,14 @@ async fn mixed_messages_load_three_tables_with_counts_per_step_and_upserts_count
         vec![
             (1, (3, 0, 0, 0, 1)),
             (2, (6, 0, 0, 0, 1)),
-            (3, (4, 0, 0, 3, 1)),
+            (3, (4, 0, 0, 4, 1)),
         ],
         "per step: inserted, updated, ignored, errors, status"
     );
     assert_eq!(
         env.error_codes().await,
         vec![
+            ("db_refused".into(), 1),
             ("duplicate_key".into(), 1),
             ("identity_not_found".into(), 1),
             ("invalid_integer".into(), 1),

@@ -211,9 +211,9 @@ impl Routes {
             match self.write_set(conn, &plans, &all, &mut counts).await {
                 Ok(()) => {}
                 Err(SetError::Refused(..)) => return Err(Fail::Isolate),
-                Err(SetError::Missing(ri, msgs)) => {
-                    for i in msgs {
-                        mark(i, identity_missing(&self.routes[ri]), ri);
+                Err(SetError::Marked(ri, refused)) => {
+                    for (i, reject) in refused {
+                        mark(i, reject, ri);
                     }
                     return Err(Fail::Retry);
                 }
@@ -251,9 +251,10 @@ impl Routes {
                         stack.push(b.to_vec());
                         stack.push(a.to_vec());
                     }
-                    Err(SetError::Missing(ri, msgs)) => {
-                        for &i in &msgs {
-                            mark(i, identity_missing(&self.routes[ri]), ri);
+                    Err(SetError::Marked(ri, refused)) => {
+                        let msgs: HashSet<usize> = refused.iter().map(|(i, _)| *i).collect();
+                        for (i, reject) in refused {
+                            mark(i, reject, ri);
                         }
                         stack.push(
                             set.into_iter()
@@ -313,11 +314,74 @@ impl Routes {
             match self.write_route(conn, ri, &rows, count).await {
                 Ok(()) => {}
                 Err(RouteError::Refused(reject)) => return Err(SetError::Refused(reject, ri)),
-                Err(RouteError::Missing(msgs)) => return Err(SetError::Missing(ri, msgs)),
+                Err(RouteError::Marked(refused)) => return Err(SetError::Marked(ri, refused)),
                 Err(RouteError::Sql(what, e)) => return Err(SetError::Sql(what, e)),
             }
         }
         Ok(())
+    }
+
+    /// An insert route's rows whose key repeats an earlier message of the batch or a row
+    /// already in the table: found here, as the single-target path does, so that only what
+    /// the checks cannot see (a foreign key, a key filled by an identity) makes the database
+    /// refuse a statement.
+    async fn duplicates(
+        &self,
+        conn: &mut PgConnection,
+        r: &Route,
+        rows: &[(usize, &Map<String, Value>, Option<&str>)],
+    ) -> Result<Vec<(usize, Reject)>, RouteError> {
+        let key_text = |row: &Map<String, Value>| -> Option<String> {
+            let parts: Option<Vec<String>> = r
+                .key
+                .iter()
+                .map(|k| row.get(k).filter(|v| !v.is_null()).map(plan::text))
+                .collect();
+            parts.map(|p| p.join("\u{1f}"))
+        };
+        let mut first: HashMap<String, usize> = HashMap::new();
+        let mut out = Vec::new();
+        for (i, row, _) in rows {
+            let Some(k) = key_text(row) else { continue };
+            match first.get(&k) {
+                Some(&f) if f != *i => {
+                    out.push((*i, duplicate_key(r, &k, "an earlier message of the batch")))
+                }
+                Some(_) => {}
+                None => {
+                    first.insert(k, *i);
+                }
+            }
+        }
+        if r.key.len() == 1 && !first.is_empty() {
+            let k = &r.key[0];
+            let probe: Vec<Value> = rows
+                .iter()
+                .filter_map(|(_, row, _)| row.get(k).map(|v| serde_json::json!({ k.as_str(): v })))
+                .collect();
+            let existing: HashSet<String> =
+                sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!(
+                    "SELECT t.{c}::text FROM {table} t WHERE t.{c} IN
+                   (SELECT p.{c} FROM jsonb_populate_recordset(NULL::{table}, $1::jsonb) p)",
+                    c = q(k),
+                    table = r.table
+                )))
+                .bind(sqlx::types::Json(Value::Array(probe)))
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(|e| RouteError::from_sql("checking an insert route's keys", e))?
+                .into_iter()
+                .collect();
+            let mut marked: HashSet<usize> = out.iter().map(|(i, _)| *i).collect();
+            for (i, row, _) in rows {
+                if let Some(key) = key_text(row) {
+                    if existing.contains(&key) && marked.insert(*i) {
+                        out.push((*i, duplicate_key(r, &key, "a row already in the table")));
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Writes `rows` (message index, row, natural key) into route `ri`: identities resolved,
@@ -354,15 +418,21 @@ impl Routes {
                     )
                 })
                 .collect();
-            let missing: Vec<usize> = rows
+            let missing: Vec<(usize, Reject)> = rows
                 .iter()
                 .filter(|(_, _, n)| n.is_some_and(|n| !found.contains_key(n)))
-                .map(|(i, _, _)| *i)
+                .map(|(i, _, _)| (*i, identity_missing(r)))
                 .collect();
             if !missing.is_empty() {
-                return Err(RouteError::Missing(missing));
+                return Err(RouteError::Marked(missing));
             }
             resolved = Some(found);
+        }
+        if r.cfg.mode == crate::config::RouteMode::Insert && !r.key.is_empty() {
+            let duplicates = self.duplicates(conn, r, rows).await?;
+            if !duplicates.is_empty() {
+                return Err(RouteError::Marked(duplicates));
+            }
         }
         // Statements: rows grouped by their column set (an absent field keeps the column's
         // default), and split into rounds so no statement holds one key twice (an upsert may
@@ -423,16 +493,17 @@ impl Routes {
 /// Why writing a set of messages stopped, with the route that refused.
 enum SetError {
     Refused(Reject, usize),
-    /// These messages' natural keys (batch indexes) resolved to nothing in route `.0`.
-    Missing(usize, Vec<usize>),
+    /// Messages (batch indexes) route `.0` refused before writing: an identity that resolved
+    /// to nothing, a duplicate key.
+    Marked(usize, Vec<(usize, Reject)>),
     Sql(&'static str, sqlx::Error),
 }
 
 enum RouteError {
     /// The database refused a row (its content).
     Refused(Reject),
-    /// These messages' natural keys resolved to nothing.
-    Missing(Vec<usize>),
+    /// Messages refused before writing (identity not found, duplicate key).
+    Marked(Vec<(usize, Reject)>),
     Sql(&'static str, sqlx::Error),
 }
 
@@ -452,6 +523,20 @@ async fn exec(conn: &mut PgConnection, sql: &'static str) -> Result<(), Fail> {
         .await
         .map(|_| ())
         .map_err(|e| Fail::Sql("savepoint", e))
+}
+
+fn duplicate_key(r: &Route, key: &str, what: &str) -> Reject {
+    Reject::new(
+        RejectKind::DuplicateKey,
+        Some(&r.key.join(", ")),
+        format!(
+            "step {}: key ({}) = ({}) of {} repeats {what}",
+            r.cfg.step,
+            r.key.join(", "),
+            key.replace('\u{1f}', ", "),
+            r.cfg.table_display()
+        ),
+    )
 }
 
 fn identity_missing(r: &Route) -> Reject {

@@ -188,7 +188,7 @@ fn lower_keys(m: Map<String, Value>) -> Result<Map<String, Value>, String> {
 }
 
 /// A JSON value as the text a `when` rule compares.
-fn text(v: &Value) -> String {
+pub(super) fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         other => other.to_string(),
