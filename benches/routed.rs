@@ -1,7 +1,7 @@
 //! Routed-pipeline benchmark (ETL2 style, README "Several tables"): N messages, a fifth of them
 //! customers (upserted by email) and the rest events (inserted, their customer resolved by an
 //! identity lookup), drained by one routed pipeline, clean and with 1 % duplicate event ids
-//! (refused by the database only: the bisection's worst case); against the same N person rows
+//! (found by the in-batch check and the key probe, to uv_); against the same N person rows
 //! drained by a single-target pipeline (COPY). Prints both rates and routed ÷ single, and records them as
 //! section `routed` of `target/bench/results.json`. Each drain is timed from the daemon's spawn
 //! to the last committed message, so both carry the same start-up.
@@ -45,7 +45,7 @@ async fn measure(w: &World, db: &mut PgConnection, n: u64, bench: bool) {
     common::stop_daemon(child, &config);
 
     // Routed: customers upserted, events inserted with their customer looked up; then the
-    // same with 1 % of the events refused by the database (a duplicate id).
+    // same with 1 % of the events repeating an id (refused to uv_).
     let routed = routed_drain(w, db, n, None).await;
     let routed_bad = routed_drain(w, db, n, Some(100)).await;
 
@@ -56,7 +56,7 @@ async fn measure(w: &World, db: &mut PgConnection, n: u64, bench: bool) {
         routed / single
     );
     println!(
-        "routed, 1 % duplicate ids (db refuses)  {routed_bad:>10.0}   ÷ routed clean = {:.2}",
+        "routed, 1 % duplicate event ids         {routed_bad:>10.0}   ÷ routed clean = {:.2}",
         routed_bad / routed
     );
     if bench {
@@ -94,9 +94,7 @@ async fn routed_drain(w: &World, db: &mut PgConnection, n: u64, bad_every: Optio
             let line = if i < customers {
                 serde_json::json!({"type": "customer", "email": email, "name": format!("Customer {i}"), "tier": i % 3})
             } else if i > customers && bad_every.is_some_and(|k| i % k == 0) {
-                // The previous event's id: only the database can see the duplicate, so its
-                // batch is bisected (the worst case; a value of the wrong type is refused
-                // before any round trip).
+                // The previous event's id: a duplicate key, refused to uv_.
                 bad += 1;
                 serde_json::json!({"type": "event", "id": i - 1, "email": email, "kind": "click"})
             } else {
