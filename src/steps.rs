@@ -230,12 +230,21 @@ pub async fn of_job(
     schema: &str,
     job: &str,
 ) -> Result<Vec<StepRow>, sqlx::Error> {
+    of_jobs(conn, schema, &[job.to_string()]).await
+}
+
+/// The steps of `jobs`, by job (newest name first) and step.
+pub async fn of_jobs(
+    conn: &mut PgConnection,
+    schema: &str,
+    jobs: &[String],
+) -> Result<Vec<StepRow>, sqlx::Error> {
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT job_name, step, kind, name, status, inserted, updated, ignored, errors, attempts, error
-         FROM {}.steps WHERE job_name = $1 ORDER BY step",
+         FROM {}.steps WHERE job_name = ANY($1) ORDER BY job_name DESC, step",
         q(schema)
     )))
-    .bind(job)
+    .bind(jobs)
     .fetch_all(conn)
     .await?;
     Ok(rows

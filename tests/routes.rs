@@ -347,6 +347,29 @@ sql = "INSERT INTO {s}.audit (job, events) SELECT $1, count(*) FROM {s}.event WH
         2,
         "the retried step ran once"
     );
+    // `conveyor status` shows the job's steps (ETL2_MONITOR's STAT_* and counters).
+    let (code, out, err) = support::cli(&env.config_path(), &["status"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.contains("steps of these jobs") && out.contains("publish events"),
+        "{out}"
+    );
+    let (code, out, err) = support::cli(&env.config_path(), &["status", "--json"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let v: Value = serde_json::from_str(out.trim()).expect("status --json");
+    let shown: Vec<(i64, i64)> = v["pipelines"]["person"]["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .filter(|x| x["job_name"] == job.as_str())
+        .map(|x| {
+            (
+                x["step"].as_i64().unwrap_or(0),
+                x["status"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(shown, [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)], "{v}");
 
     daemon.sigterm();
     assert_eq!(daemon.wait_exit(Duration::from_secs(30)).await, Some(0));

@@ -150,6 +150,9 @@ struct PipelineStatus {
     workers: Vec<Worker>,
     running_jobs: Vec<RunningJob>,
     last_jobs: Vec<EndedJob>,
+    /// Routed pipelines and post-job steps: the steps of the jobs above (`conveyor.steps`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    steps: Vec<crate::steps::StepRow>,
 }
 
 /// One `status` row seen as the worker (slot) that owns it.
@@ -342,7 +345,18 @@ async fn read(
                 error: r.try_get("error")?,
             });
         }
+        let steps = if p.routes.is_empty() && p.post_steps.is_empty() {
+            Vec::new()
+        } else {
+            let jobs: Vec<String> = running
+                .iter()
+                .map(|j| j.job_name.clone())
+                .chain(last_jobs.iter().map(|j| j.job_name.clone()))
+                .collect();
+            crate::steps::of_jobs(&mut tx, &config.schema, &jobs).await?
+        };
         out.push(PipelineStatus {
+            steps,
             name: p.name.clone(),
             queue: p.queue.clone(),
             target: match &p.target_schema {
@@ -452,52 +466,102 @@ fn render(snap: &Snapshot, config: &Config, out: &mut String) {
         }
         if p.last_jobs.is_empty() {
             let _ = writeln!(out, "  no ended job yet");
-            continue;
+        } else {
+            ended_table(p, out);
         }
-        let mut t = Table::new(&[
-            ("JOB", Align::Left),
-            ("STATUS", Align::Left),
-            ("END", Align::Left),
-            ("READ", Align::Right),
-            ("INSERTED", Align::Right),
-            ("REJECTED", Align::Right),
-            ("UV", Align::Right),
-            ("GAP_MS", Align::Right),
-            ("STARTED", Align::Left),
-            ("ENDED", Align::Left),
-            ("DURATION", Align::Right),
-            ("ERROR", Align::Left),
-        ]);
-        for j in &p.last_jobs {
-            t.row(vec![
-                j.job_name.clone(),
-                match j.status {
-                    1 => "1 ok".into(),
-                    3 => "3 failed".into(),
-                    s => s.to_string(),
-                },
-                j.end_reason.clone().unwrap_or_else(|| "-".into()),
-                thousands(j.rows_read),
-                thousands(j.rows_inserted),
-                thousands(j.rows_rejected),
-                thousands(j.rows_uv),
-                j.handoff_gap_ms
-                    .map_or_else(|| "-".into(), |g| format!("{g:.1}")),
-                short_time(&j.started_at),
-                j.ended_at.as_deref().map_or_else(|| "-".into(), short_time),
-                j.duration_s.map_or_else(|| "-".into(), duration),
-                j.error
-                    .as_deref()
-                    .map_or_else(String::new, |e| cut(e, TABLE_ERROR_CHARS)),
-            ]);
+        if !p.steps.is_empty() {
+            steps_table(p, out);
         }
-        let _ = writeln!(
-            out,
-            "  ended jobs (the last {}, newest first)",
-            p.last_jobs.len()
-        );
-        t.render("    ", out);
     }
+}
+
+/// The pipeline's last ended jobs.
+fn ended_table(p: &PipelineStatus, out: &mut String) {
+    let mut t = Table::new(&[
+        ("JOB", Align::Left),
+        ("STATUS", Align::Left),
+        ("END", Align::Left),
+        ("READ", Align::Right),
+        ("INSERTED", Align::Right),
+        ("REJECTED", Align::Right),
+        ("UV", Align::Right),
+        ("GAP_MS", Align::Right),
+        ("STARTED", Align::Left),
+        ("ENDED", Align::Left),
+        ("DURATION", Align::Right),
+        ("ERROR", Align::Left),
+    ]);
+    for j in &p.last_jobs {
+        t.row(vec![
+            j.job_name.clone(),
+            match j.status {
+                1 => "1 ok".into(),
+                3 => "3 failed".into(),
+                s => s.to_string(),
+            },
+            j.end_reason.clone().unwrap_or_else(|| "-".into()),
+            thousands(j.rows_read),
+            thousands(j.rows_inserted),
+            thousands(j.rows_rejected),
+            thousands(j.rows_uv),
+            j.handoff_gap_ms
+                .map_or_else(|| "-".into(), |g| format!("{g:.1}")),
+            short_time(&j.started_at),
+            j.ended_at.as_deref().map_or_else(|| "-".into(), short_time),
+            j.duration_s.map_or_else(|| "-".into(), duration),
+            j.error
+                .as_deref()
+                .map_or_else(String::new, |e| cut(e, TABLE_ERROR_CHARS)),
+        ]);
+    }
+    let _ = writeln!(
+        out,
+        "  ended jobs (the last {}, newest first)",
+        p.last_jobs.len()
+    );
+    t.render("    ", out);
+}
+
+/// The steps of the jobs shown (routed pipelines, post-job steps).
+fn steps_table(p: &PipelineStatus, out: &mut String) {
+    let mut t = Table::new(&[
+        ("JOB", Align::Left),
+        ("STEP", Align::Right),
+        ("KIND", Align::Left),
+        ("NAME", Align::Left),
+        ("STATUS", Align::Left),
+        ("INSERTED", Align::Right),
+        ("UPDATED", Align::Right),
+        ("IGNORED", Align::Right),
+        ("ERRORS", Align::Right),
+        ("ERROR", Align::Left),
+    ]);
+    for x in &p.steps {
+        t.row(vec![
+            x.job_name.clone(),
+            x.step.to_string(),
+            x.kind.clone(),
+            x.name.clone(),
+            match x.status {
+                0 => "0 running".into(),
+                1 => "1 ok".into(),
+                3 => "3 failed".into(),
+                s => s.to_string(),
+            },
+            thousands(x.inserted),
+            thousands(x.updated),
+            thousands(x.ignored),
+            thousands(x.errors),
+            x.error
+                .as_deref()
+                .map_or_else(String::new, |e| cut(e, TABLE_ERROR_CHARS)),
+        ]);
+    }
+    let _ = writeln!(
+        out,
+        "  steps of these jobs (conveyor.steps; retry failed post steps: conveyor consolidate --steps)"
+    );
+    t.render("    ", out);
 }
 
 /// The first line of a `--watch` screen of `conveyor <command>`.
