@@ -12,7 +12,9 @@ mod run;
 mod run_steps;
 mod stats;
 mod status;
+mod table;
 mod view;
+mod watch;
 
 use std::path::PathBuf;
 

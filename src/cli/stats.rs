@@ -16,9 +16,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Row};
 
-use super::status::{
-    clear_screen, connection, duration, print_out, thousands, watch_header, Align, Interrupt, Table,
-};
+use super::table::{duration, thousands, Align, Table};
+use super::watch::{clear_screen, connection, watch_header, Watch};
 use crate::config::Config;
 use crate::db::quote_ident;
 
@@ -62,7 +61,7 @@ pub struct StatsArgs {
     pub format: Format,
     /// Refresh every SECS seconds (e.g. 5) until Ctrl-C, following the newest job. The table is
     /// redrawn in place; csv and json print every refresh again (json: one line per job).
-    #[arg(long, value_name = "SECS", value_parser = super::status::parse_watch)]
+    #[arg(long, value_name = "SECS", value_parser = super::watch::parse_watch)]
     pub watch: Option<Duration>,
 }
 
@@ -81,12 +80,8 @@ pub async fn run(config_path: &Path, args: StatsArgs) -> anyhow::Result<()> {
             n: n.unwrap_or(1),
         },
     };
-    let mut interrupt = match args.watch {
-        Some(_) => Some(Interrupt::new()?),
-        None => None,
-    };
+    let mut watch = Watch::new(args.watch)?;
     let mut conn: Option<PgConnection> = None;
-    let mut first = true;
     loop {
         let text = match read(&mut conn, &config, config_path, &pick).await {
             Ok(Read::Jobs(taken_at, jobs)) => {
@@ -107,12 +102,10 @@ pub async fn run(config_path: &Path, args: StatsArgs) -> anyhow::Result<()> {
                     String::new()
                 }
             }
-            // A failure on the first read is the answer; later ones (a database restart) are
-            // shown, and the watch goes on trying.
-            Err(e) if first => return Err(e),
             Err(e) => {
+                let e = watch.failed(e)?;
                 conn = None;
-                let every = args.watch.unwrap_or_default();
+                let every = watch.every();
                 if args.format == Format::Table {
                     format!(
                         "{}refresh failed: {e}\nretrying every {}; Ctrl-C to stop\n",
@@ -128,20 +121,18 @@ pub async fn run(config_path: &Path, args: StatsArgs) -> anyhow::Result<()> {
                 }
             }
         };
-        first = false;
         let separator =
             if args.watch.is_some() && matches!(args.format, Format::Csv | Format::CsvHistogram) {
                 "\n"
             } else {
                 ""
             };
-        if !text.is_empty() && !print_out(&format!("{text}{separator}"))? {
-            break; // stdout closed (e.g. piped into head)
-        }
-        let (Some(every), Some(i)) = (args.watch, interrupt.as_mut()) else {
-            break;
+        let out = if text.is_empty() {
+            text
+        } else {
+            format!("{text}{separator}")
         };
-        if !i.sleep(every).await {
+        if !watch.shown(&out).await? {
             break;
         }
     }
@@ -689,7 +680,7 @@ fn minute_label(rfc3339: &str) -> String {
 }
 
 fn time(t: &DateTime<Utc>) -> String {
-    super::status::time(t)
+    super::table::time(t)
 }
 
 /// A CSV field, quoted when it must be (RFC 4180).

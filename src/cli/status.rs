@@ -13,7 +13,6 @@
 //! [`Interrupt`] that ends a watch on Ctrl-C.
 
 use std::fmt::Write as _;
-use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Duration;
 
@@ -21,12 +20,12 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Row};
 
+use super::table::{cut, duration, short_time, thousands, time, Align, Table};
+use super::watch::{clear_screen, connection, parse_watch, watch_header, Watch};
+
 use crate::config::{Config, PipelineConfig};
 use crate::db::quote_ident;
 
-/// Shortest `--watch` period: below it the refreshes themselves would load the database more
-/// than the dashboard is worth.
-const MIN_WATCH: Duration = Duration::from_millis(100);
 /// Characters of a failed job's error shown in the table (JSON carries all of it).
 const TABLE_ERROR_CHARS: usize = 60;
 
@@ -57,12 +56,8 @@ pub async fn run(config_path: &Path, args: StatusArgs) -> anyhow::Result<()> {
         Some(name) => vec![super::pick_pipeline(&config, Some(name))?],
         None => config.pipelines.iter().collect(),
     };
-    let mut interrupt = match args.watch {
-        Some(_) => Some(Interrupt::new()?),
-        None => None,
-    };
+    let mut watch = Watch::new(args.watch)?;
     let mut conn: Option<PgConnection> = None;
-    let mut first = true;
     loop {
         let snap = snapshot(&mut conn, &config, config_path, &pipelines, args.last).await;
         let out = match snap {
@@ -79,35 +74,23 @@ pub async fn run(config_path: &Path, args: StatusArgs) -> anyhow::Result<()> {
                 render(&snap, &config, &mut text);
                 text
             }
-            // A failure on the first read is the answer; later ones (a database restart) are
-            // shown, and the watch goes on trying.
-            Err(e) if first => return Err(e),
             Err(e) => {
+                let e = watch.failed(e)?;
                 conn = None;
                 if args.json {
-                    eprintln!(
-                        "error: {e} (retrying every {:?})",
-                        args.watch.unwrap_or_default()
-                    );
+                    eprintln!("error: {e} (retrying every {:?})", watch.every());
                     String::new()
                 } else {
                     format!(
                         "{}refresh failed at {}: {e}\nretrying every {:?}; Ctrl-C to stop\n",
                         clear_screen(),
                         Utc::now().format("%Y-%m-%d %H:%M:%S UTC"),
-                        args.watch.unwrap_or_default()
+                        watch.every()
                     )
                 }
             }
         };
-        first = false;
-        if !print_out(&out)? {
-            break; // stdout closed (e.g. piped into head): nothing more to show
-        }
-        let (Some(every), Some(i)) = (args.watch, interrupt.as_mut()) else {
-            break;
-        };
-        if !i.sleep(every).await {
+        if !watch.shown(&out).await? {
             break;
         }
     }
@@ -564,248 +547,6 @@ fn steps_table(p: &PipelineStatus, out: &mut String) {
     t.render("    ", out);
 }
 
-/// The first line of a `--watch` screen of `conveyor <command>`.
-pub(super) fn watch_header(command: &str, taken_at: &str, every: Duration) -> String {
-    format!(
-        "conveyor {command} at {} UTC (every {}; Ctrl-C to stop)\n\n",
-        short_time(taken_at),
-        duration(every.as_secs_f64())
-    )
-}
-
-/// The watch loops' connection: the one kept from the last refresh, or a new one whose schema
-/// is checked to hold conveyor's `tables` first.
-pub(super) async fn connection<'c>(
-    conn: &'c mut Option<PgConnection>,
-    config: &Config,
-    config_path: &Path,
-    tables: &[&str],
-) -> anyhow::Result<&'c mut PgConnection> {
-    if conn.is_none() {
-        let mut c = crate::db::connect(&config.database_url, config.connect_timeout).await?;
-        check_tables(&mut c, &config.schema, tables, config_path).await?;
-        *conn = Some(c);
-    }
-    conn.as_mut()
-        .ok_or_else(|| anyhow::anyhow!("no database connection"))
-}
-
-/// Errors unless conveyor's `tables` exist in `schema`, saying how to create them.
-pub(super) async fn check_tables(
-    conn: &mut PgConnection,
-    schema: &str,
-    tables: &[&str],
-    config_path: &Path,
-) -> anyhow::Result<()> {
-    let s = quote_ident(schema);
-    for t in tables {
-        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-            .bind(format!("{s}.{t}"))
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|e| anyhow::anyhow!("looking up conveyor's tables failed: {e}"))?;
-        if !exists {
-            anyhow::bail!(
-                "schema {schema:?} has no {t} table: conveyor's tables are not created or not up to date there. Run `conveyor --config {} migrate` (or start `conveyor run`, which migrates), or check database.schema in the config",
-                config_path.display()
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Parses `--watch`: seconds, a decimal number (2, 0.5), at least [`MIN_WATCH`].
-pub(super) fn parse_watch(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .trim()
-        .trim_end_matches('s')
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds (e.g. 2 or 0.5)"))?;
-    let d = Duration::try_from_secs_f64(secs)
-        .map_err(|_| format!("{s:?} is not a number of seconds (e.g. 2 or 0.5)"))?;
-    if d < MIN_WATCH {
-        return Err(format!(
-            "{s:?} is too short: refresh at most every {} s",
-            MIN_WATCH.as_secs_f64()
-        ));
-    }
-    Ok(d)
-}
-
-/// Ends a `--watch` loop on Ctrl-C (SIGINT) or SIGTERM. Registered before the first refresh,
-/// so a signal arriving during a query is kept for the next wait.
-pub(super) struct Interrupt {
-    int: tokio::signal::unix::Signal,
-    term: tokio::signal::unix::Signal,
-}
-
-impl Interrupt {
-    pub(super) fn new() -> anyhow::Result<Interrupt> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let err = |e| anyhow::anyhow!("cannot install the Ctrl-C handler: {e}");
-        Ok(Interrupt {
-            int: signal(SignalKind::interrupt()).map_err(err)?,
-            term: signal(SignalKind::terminate()).map_err(err)?,
-        })
-    }
-
-    /// Waits `d`; false when interrupted meanwhile (or before).
-    pub(super) async fn sleep(&mut self, d: Duration) -> bool {
-        tokio::select! {
-            _ = tokio::time::sleep(d) => true,
-            _ = self.int.recv() => false,
-            _ = self.term.recv() => false,
-        }
-    }
-}
-
-/// The escape sequence that clears a terminal (cursor home, erase display); when stdout is not
-/// a terminal (a file or pipe keeps every refresh), an empty line between refreshes.
-pub(super) fn clear_screen() -> &'static str {
-    if std::io::stdout().is_terminal() {
-        "\x1b[H\x1b[2J"
-    } else {
-        "\n"
-    }
-}
-
-/// Writes `text` to stdout; false when stdout has been closed (the reader went away).
-pub(super) fn print_out(text: &str) -> anyhow::Result<bool> {
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
-        Err(e) => Err(anyhow::anyhow!("cannot write to stdout: {e}")),
-    }
-}
-
-/// How a column's cells line up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Align {
-    Left,
-    /// Numbers.
-    Right,
-}
-
-/// An aligned text table: a header line and rows, columns two spaces apart, the last column
-/// unpadded.
-#[derive(Debug)]
-pub(super) struct Table {
-    head: Vec<(&'static str, Align)>,
-    rows: Vec<Vec<String>>,
-}
-
-impl Table {
-    pub(super) fn new(head: &[(&'static str, Align)]) -> Table {
-        Table {
-            head: head.to_vec(),
-            rows: Vec::new(),
-        }
-    }
-
-    pub(super) fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells);
-    }
-
-    /// Appends the table to `out`, each line prefixed with `indent`.
-    pub(super) fn render(&self, indent: &str, out: &mut String) {
-        let mut width: Vec<usize> = self.head.iter().map(|(h, _)| h.chars().count()).collect();
-        for r in &self.rows {
-            for (w, cell) in width.iter_mut().zip(r) {
-                *w = (*w).max(cell.chars().count());
-            }
-        }
-        let head: Vec<String> = self.head.iter().map(|(h, _)| h.to_string()).collect();
-        for cells in std::iter::once(&head).chain(&self.rows) {
-            let mut line = String::from(indent);
-            for (i, cell) in cells.iter().enumerate() {
-                let pad = width[i].saturating_sub(cell.chars().count());
-                let last = i + 1 == cells.len();
-                match self.head[i].1 {
-                    Align::Right => {
-                        line.push_str(&" ".repeat(pad));
-                        line.push_str(cell);
-                    }
-                    Align::Left => {
-                        line.push_str(cell);
-                        if !last {
-                            line.push_str(&" ".repeat(pad));
-                        }
-                    }
-                }
-                if !last {
-                    line.push_str("  ");
-                }
-            }
-            out.push_str(line.trim_end());
-            out.push('\n');
-        }
-    }
-}
-
-/// RFC 3339 in UTC with milliseconds (the JSON form).
-pub(super) fn time(t: &DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-/// `2026-11-24 01:02:03` from an RFC 3339 time (the table form, UTC).
-pub(super) fn short_time(rfc3339: &str) -> String {
-    match DateTime::parse_from_rfc3339(rfc3339) {
-        Ok(t) => t
-            .with_timezone(&Utc)
-            .format("%Y-%m-%d %H:%M:%S")
-            .to_string(),
-        Err(_) => rfc3339.to_string(),
-    }
-}
-
-/// A duration for people: `0.4s`, `12s`, `4m05s`, `2h03m`, `3d04h`.
-pub(super) fn duration(secs: f64) -> String {
-    if !secs.is_finite() || secs < 0.0 {
-        return "-".into();
-    }
-    if secs < 10.0 {
-        return format!("{secs:.1}s");
-    }
-    let s = secs.round() as u64;
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
-    }
-}
-
-/// `1234567` → `1,234,567` (as the seed's tables).
-pub(super) fn thousands(n: i64) -> String {
-    let digits = n.unsigned_abs().to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    if n < 0 {
-        out.insert(0, '-');
-    }
-    out
-}
-
-/// `s` cut to `max` characters (an ellipsis marks the cut), control characters as spaces.
-fn cut(s: &str, max: usize) -> String {
-    let clean: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if clean.chars().count() <= max {
-        return clean;
-    }
-    let mut out: String = clean.chars().take(max.saturating_sub(1)).collect();
-    out.push('…');
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -823,40 +564,5 @@ mod tests {
             (500.0, "since_start")
         );
         assert_eq!(rate(0, 0.0, None, None), (0.0, "since_start"));
-    }
-
-    #[test]
-    fn numbers_and_durations_read_well() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(13028), "13,028");
-        assert_eq!(thousands(-1234567), "-1,234,567");
-        assert_eq!(duration(0.42), "0.4s");
-        assert_eq!(duration(12.4), "12s");
-        assert_eq!(duration(245.0), "4m05s");
-        assert_eq!(duration(7380.0), "2h03m");
-        assert_eq!(duration(3.0 * 86400.0 + 4.0 * 3600.0), "3d04h");
-        assert_eq!(cut("abc\ndef", 10), "abc def");
-        assert_eq!(cut("abcdef", 4), "abc…");
-    }
-
-    #[test]
-    fn watch_periods_parse() {
-        assert_eq!(parse_watch("2"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_watch("0.5"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_watch("3s"), Ok(Duration::from_secs(3)));
-        assert!(parse_watch("0").unwrap_err().contains("too short"));
-        assert!(parse_watch("-1").is_err());
-        assert!(parse_watch("soon").unwrap_err().contains("seconds"));
-    }
-
-    #[test]
-    fn tables_align_and_trim() {
-        let mut t = Table::new(&[("A", Align::Left), ("N", Align::Right), ("Z", Align::Left)]);
-        t.row(vec!["xy".into(), "5".into(), "".into()]);
-        t.row(vec!["x".into(), "1,000".into(), "end".into()]);
-        let mut out = String::new();
-        t.render("  ", &mut out);
-        assert_eq!(out, "  A       N  Z\n  xy      5\n  x   1,000  end\n");
     }
 }
