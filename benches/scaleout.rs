@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use common::World;
 use conveyor::config::{QueueDeclare, SecretUrl};
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use sqlx::PgConnection;
 
 const SHARDS: usize = 4;
@@ -64,14 +63,7 @@ async fn measure(w: &World, db: &mut PgConnection, n: u64, bench: bool) {
     let c = drain(db, w, n).await;
     stop(&mut procs);
 
-    for q in &queues {
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = ch
-        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-        .await;
+    conveyor::source::delete_sharded(&ch, &exchange, &queues).await;
     let _ = amqp.close(200, "done".into()).await;
 
     println!("scale-out drain of {n} rows (rows/s, first to last commit)");

@@ -48,16 +48,7 @@ async fn stalled_low_rate_and_errors_fire_and_clear() {
     let port = free_port();
     let s = settings(port, "low_rate = 1000000", "");
     let mut daemon = env.spawn(&s);
-    env.wait_for(
-        "the daemon to serve metrics",
-        Duration::from_secs(30),
-        || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        },
-    )
-    .await;
+    env.wait_listening(port).await;
     // Hold the table against writes: a backlog and no progress.
     let mut locker = support::pg().await;
     env.wait_for("the job's tables", Duration::from_secs(30), || async {
@@ -101,16 +92,7 @@ async fn slow_handoff_consolidation_failure_and_clock_skew() {
     let port = free_port();
     let s = settings(port, "slow_handoff_ms = 1", "rotate_every = \"700ms\"");
     let mut daemon = env.spawn(&s);
-    env.wait_for(
-        "the daemon to serve metrics",
-        Duration::from_secs(30),
-        || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        },
-    )
-    .await;
+    env.wait_listening(port).await;
     // Rows keep flowing across rotations: every handoff has a gap, and 1 ms is too slow.
     tokio::join!(
         env.feed_rate(3_000, 1_000, 0.0, 1, 8),

@@ -10,7 +10,6 @@ mod support;
 use std::time::Duration;
 
 use conveyor::config::{QueueDeclare, SecretUrl};
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use support::{Daemon, Env};
 
 const SHARDS: usize = 4;
@@ -185,14 +184,7 @@ impl Drop for Topology {
                     return;
                 };
                 if let Ok(ch) = conn.create_channel().await {
-                    for q in &queues {
-                        let _ = ch
-                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                    let _ = ch
-                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
+                    conveyor::source::delete_sharded(&ch, &exchange, &queues).await;
                 }
                 let _ = conn.close(200, "done".into()).await;
             });

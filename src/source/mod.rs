@@ -133,6 +133,26 @@ pub async fn declare_sharded(
     Ok(())
 }
 
+/// Deletes a sharded stream's queues and exchange (what [`declare_sharded`] made), with the
+/// messages still in them: for tearing down tests and benchmarks. Best effort: what is already
+/// gone is skipped.
+pub async fn delete_sharded(channel: &Channel, exchange: &str, queues: &[String]) {
+    for q in queues {
+        let _ = channel
+            .queue_delete(
+                q.as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await;
+    }
+    let _ = channel
+        .exchange_delete(
+            exchange.into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await;
+}
+
 /// Queue arguments for `declare`: durable with single-active-consumer, so that a second worker
 /// (or process) on the same queue waits as standby instead of sharing deliveries.
 pub fn queue_arguments(declare: QueueDeclare) -> FieldTable {

@@ -452,6 +452,20 @@ queue_time_column = "queue_time"
         .await;
     }
 
+    /// Waits until the daemon's HTTP listener on `port` accepts connections.
+    pub async fn wait_listening(&self, port: u16) {
+        self.wait_for(
+            "the daemon to serve metrics",
+            Duration::from_secs(30),
+            || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+    }
+
     /// Polls `f` every 100 ms until it returns true or `timeout` passes.
     pub async fn wait_for<F, Fut>(&self, what: &str, timeout: Duration, mut f: F)
     where
