@@ -221,3 +221,27 @@ pub fn init_logging(format: crate::config::LogFormat, level: &str) {
         crate::config::LogFormat::Pretty => builder.try_init(),
     };
 }
+
+/// Errors unless conveyor's `tables` exist in `schema`, saying how to create them.
+async fn check_tables(
+    conn: &mut sqlx::postgres::PgConnection,
+    schema: &str,
+    tables: &[&str],
+    config_path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let s = crate::db::quote_ident(schema);
+    for t in tables {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(format!("{s}.{t}"))
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| anyhow::anyhow!("looking up conveyor's tables failed: {e}"))?;
+        if !exists {
+            anyhow::bail!(
+                "schema {schema:?} has no {t} table: conveyor's tables are not created or not up to date there. Run `conveyor --config {} migrate` (or start `conveyor run`, which migrates), or check database.schema in the config",
+                config_path.display()
+            );
+        }
+    }
+    Ok(())
+}

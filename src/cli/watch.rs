@@ -10,7 +10,6 @@ use sqlx::postgres::PgConnection;
 
 use super::table::{duration, short_time};
 use crate::config::Config;
-use crate::db::quote_ident;
 
 /// Shortest `--watch` period: below it the refreshes themselves would load the database more
 /// than the dashboard is worth.
@@ -80,35 +79,11 @@ pub(super) async fn connection<'c>(
 ) -> anyhow::Result<&'c mut PgConnection> {
     if conn.is_none() {
         let mut c = crate::db::connect(&config.database_url, config.connect_timeout).await?;
-        check_tables(&mut c, &config.schema, tables, config_path).await?;
+        super::check_tables(&mut c, &config.schema, tables, config_path).await?;
         *conn = Some(c);
     }
     conn.as_mut()
         .ok_or_else(|| anyhow::anyhow!("no database connection"))
-}
-
-/// Errors unless conveyor's `tables` exist in `schema`, saying how to create them.
-pub(super) async fn check_tables(
-    conn: &mut PgConnection,
-    schema: &str,
-    tables: &[&str],
-    config_path: &Path,
-) -> anyhow::Result<()> {
-    let s = quote_ident(schema);
-    for t in tables {
-        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-            .bind(format!("{s}.{t}"))
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|e| anyhow::anyhow!("looking up conveyor's tables failed: {e}"))?;
-        if !exists {
-            anyhow::bail!(
-                "schema {schema:?} has no {t} table: conveyor's tables are not created or not up to date there. Run `conveyor --config {} migrate` (or start `conveyor run`, which migrates), or check database.schema in the config",
-                config_path.display()
-            );
-        }
-    }
-    Ok(())
 }
 
 /// Parses `--watch`: seconds, a decimal number (2, 0.5), at least [`MIN_WATCH`].
